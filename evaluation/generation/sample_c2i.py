@@ -1,0 +1,286 @@
+"""Sample class-conditional images from a trained GPT and decode them with the MedITok tokenizer.
+
+    torchrun --standalone --nproc_per_node=4 -m evaluation.generation.sample_c2i \
+        --gpt-ckpt results/run/checkpoints/latest.pt --vq-ckpt weights/meditok_simple_v1.pth \
+        --test-data-path data/test.jsonl --sample-dir samples --cfg-scale 1.5
+
+Labels come from the rows of --test-data-path (one image per row, as the released sampler) or from
+--num-per-class. Each rank seeds its own generator (global_seed * world_size + rank) and takes a
+strided share of the indices; images already on disk are skipped. Output, in SAMPLE_DIR/<run>/ where
+<run> is derived from the settings:
+    <class>/<index>.png    one image per index (class folders from label_name, else defaults)
+    samples.npz            samples [N, H, W, 3] uint8 and labels [N], in index order
+    samples.jsonl          one row per image: identifier (png path), label, label_name, source row
+    grid.png               one row per class
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from datasets.code_dataset import find_code_metadata, load_codes
+from datasets.metadata import parse_label, read_metadata, write_metadata
+from evaluation.generation.train_c2i import barrier, is_dist, setup_distributed
+from models.checkpoint import atomic_write_bytes, load_checkpoint
+from models.generate import CFG_SCHEDULES, generate
+from models.gpt import GPT_SIZES, GPT_models, load_gpt
+from models.meditok import build_meditok
+
+# The released sampler's class names for its six-modality MedMNIST task.
+MODALITY_NAMES = ("microscopy", "ultrasound", "x-ray", "dermoscopy", "histopathology", "fundus-photography")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def class_names(num_classes: int, *sources: dict) -> list[str]:
+    """Folder name of each class: the first source (e.g. label_name column, checkpoint) that names it,
+    else the official modality names when there are six classes, else class_<k>."""
+    names = []
+    for k in range(num_classes):
+        name = next((s[k] for s in sources if s and k in s), None)
+        if name is None:
+            name = MODALITY_NAMES[k] if num_classes == len(MODALITY_NAMES) else f"class_{k}"
+        names.append(re.sub(r"[^\w.+-]+", "_", str(name)).strip("_") or f"class_{k}")
+    return names
+
+
+def sample_labels(args, num_classes: int):
+    """(labels [N], source rows or None, {label: label_name} from the rows)."""
+    if args.num_per_class is not None:
+        labels = [c for c in range(num_classes) for _ in range(args.num_per_class)]
+        return labels, None, {}
+    if args.test_data_path is None:
+        raise ValueError("give --test-data-path (one sample per row) or --num-per-class")
+    args.test_data_path = str(find_code_metadata(args.test_data_path))  # a file, or a folder holding one
+    rows = read_metadata(args.test_data_path, required=("label",))
+    if any(r.get("split") is not None for r in rows):
+        wanted = set(args.test_split.split(","))
+        rows = [r for r in rows if (r.get("split") or "train") in wanted]
+        if not rows:
+            raise ValueError(f"{args.test_data_path}: no rows with split in {sorted(wanted)} (see --test-split)")
+    if args.num_fid_samples is not None:
+        rows = rows[: args.num_fid_samples]
+    labels = [parse_label(r, num_classes, args.test_data_path) for r in rows]
+    names = {}
+    for r, label in zip(rows, labels):
+        if r.get("label_name") is not None:
+            names.setdefault(label, str(r["label_name"]))
+    return labels, rows, names
+
+
+def run_name(args, gpt_path: str, vq_path: str, image_size: int, weights: str) -> str:
+    stem = lambda p: Path(p).stem  # noqa: E731
+    ckpt = f"{Path(gpt_path).parent.parent.name}-{stem(gpt_path)}" if Path(gpt_path).parent.name == "checkpoints" else stem(gpt_path)
+    interval = f"-interval{args.cfg_interval:g}" if args.cfg_interval >= 0 else ""
+    return (f"{ckpt}-{weights}-{stem(vq_path)}-size{image_size}-cfg{args.cfg_scale:g}-{args.cfg_schedule}{interval}"
+            f"-topk{args.top_k}-topp{args.top_p:g}-temp{args.temperature:g}-seed{args.global_seed}")
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    atomic_write_bytes(buf.getvalue(), path)
+
+
+@torch.no_grad()
+def decode(vq, codes: torch.Tensor, image_size: int) -> np.ndarray:
+    """codes [B, K, L] -> uint8 images [B, image_size, image_size, 3]."""
+    images = vq.idx_to_img(codes.to(next(vq.parameters()).device))
+    if images.shape[-1] != image_size or images.shape[-2] != image_size:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bicubic", align_corners=False)
+    return to_uint8(images)
+
+
+def make_grid(images: list[np.ndarray], labels: list[int], columns: int) -> np.ndarray:
+    """One row per class present (ascending label), its first `columns` images, black where fewer."""
+    H, W, _ = images[0].shape
+    classes = sorted(set(labels))
+    grid = np.zeros((len(classes) * H, columns * W, 3), dtype=np.uint8)
+    for r, c in enumerate(classes):
+        mine = [img for img, lab in zip(images, labels) if lab == c][:columns]
+        for j, img in enumerate(mine):
+            grid[r * H:(r + 1) * H, j * W:(j + 1) * W] = img
+    return grid
+
+
+def load_models(args, device):
+    """(gpt, vq, which weights). The GPT is rebuilt from its checkpoint's config when it has one."""
+    vq = build_meditok(args.vq_ckpt, device=device)
+    ckpt = load_checkpoint(args.gpt_ckpt)
+    has_config = isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict)
+    overrides = {}
+    if args.cls_token_num is not None:
+        overrides["cls_token_num"] = args.cls_token_num
+    if args.num_output_layer is not None:
+        overrides["n_output_layer"] = args.num_output_layer
+    if not has_config:
+        # The released layout: shapes give most of the config; the grid comes from the tokenizer.
+        overrides.setdefault("block_size", vq.grid_size ** 2)
+        if args.gpt_model is not None:
+            overrides["n_head"] = GPT_SIZES[args.gpt_model]["n_head"]
+    elif args.gpt_model is not None and ckpt.get("gpt_model") not in (None, args.gpt_model):
+        raise ValueError(f"{args.gpt_ckpt} holds a {ckpt['gpt_model']}, not the --gpt-model {args.gpt_model}")
+    weights = "ema" if (not args.no_ema and isinstance(ckpt, dict) and "ema" in ckpt) else "model"
+    del ckpt
+    gpt, ckpt = load_gpt(args.gpt_ckpt, prefer_ema=not args.no_ema, **overrides)
+    c = gpt.config
+    checks = [
+        (args.num_classes is None or args.num_classes == c.num_classes, f"--num-classes {args.num_classes} but the GPT has {c.num_classes} classes"),
+        (args.codebook_size is None or args.codebook_size == c.vocab_size, f"--codebook-size {args.codebook_size} but the GPT vocabulary is {c.vocab_size}"),
+        (args.num_codebooks is None or args.num_codebooks == c.num_codebooks, f"--num-codebooks {args.num_codebooks} but the GPT has {c.num_codebooks}"),
+        (vq.num_codebooks == c.num_codebooks, f"tokenizer has {vq.num_codebooks} codebooks, the GPT {c.num_codebooks}"),
+        (vq.codebook_size == c.sub_vocab_size, f"tokenizer codebooks hold {vq.codebook_size} codes, the GPT's {c.sub_vocab_size}"),
+        (vq.grid_size ** 2 == c.block_size, f"tokenizer grid {vq.grid_size}x{vq.grid_size} but the GPT generates {c.block_size} positions"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"{args.gpt_ckpt} / {args.vq_ckpt}: {msg}")
+    if device.type == "cuda" and args.precision != "none":
+        gpt = gpt.to(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
+    return gpt.to(device), vq, weights, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+def main(args):
+    torch.set_grad_enabled(False)
+    rank, world_size, device = setup_distributed()
+    gpt, vq, weights, ckpt = load_models(args, device)
+    num_classes = gpt.config.num_classes
+    labels, rows, row_names = sample_labels(args, num_classes)
+    ckpt_names = ckpt.get("label_names", {}) if isinstance(ckpt, dict) else {}
+    names = class_names(num_classes, row_names, ckpt_names)
+    del ckpt
+    image_size = args.image_size or vq.img_size
+    run_dir = Path(args.sample_dir) / run_name(args, args.gpt_ckpt, args.vq_ckpt, image_size, weights)
+    N = len(labels)
+    width = max(6, len(str(N - 1)))
+    paths = [run_dir / names[lab] / f"{i:0{width}d}.png" for i, lab in enumerate(labels)]
+    if rank == 0:
+        print(f"sampling {N} images of {num_classes} classes into {run_dir} ({world_size} processes, {weights} weights)", flush=True)
+
+    # DiT-style sharding: rank r takes indices r, r + world, ...; its own seed.
+    seed = args.global_seed * world_size + rank
+    torch.manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
+    mine = list(range(rank, N, world_size))
+    batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
+    generated = 0
+    for batch in tqdm(batches, desc="sampling", disable=rank != 0, dynamic_ncols=True):
+        todo = [i for i in batch if not paths[i].exists()]
+        if not todo:
+            continue
+        cond = torch.tensor([labels[i] for i in batch], device=device)
+        codes = generate(gpt, cond, gpt.config.block_size, cfg_scale=args.cfg_scale, cfg_interval=args.cfg_interval,
+                         cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
+                         top_p=args.top_p, generator=generator, compile=args.compile)  # [B, K, L]
+        for i, image in zip(batch, decode(vq, codes, image_size)):
+            if i in todo:
+                save_png(image, paths[i])
+                generated += 1
+    if args.copy_input and rows is not None:
+        copy_inputs(args, rows, labels, names, vq, image_size, rank, world_size, device)
+    print(f"rank {rank}: generated {generated} images, {len(mine) - generated} already there", flush=True)
+    barrier()
+
+    if rank == 0:
+        gather_outputs(args, run_dir, paths, labels, names, rows)
+    barrier()
+    if is_dist():
+        dist.destroy_process_group()
+    return run_dir
+
+
+def copy_inputs(args, rows, labels, names, vq, image_size, rank, world_size, device):
+    """Decode the test rows' own codes to SAMPLE_DIR/input/<class>/<index>.png (reference images)."""
+    width = max(6, len(str(len(rows) - 1)))
+    for i in range(rank, len(rows), world_size):
+        path = Path(args.sample_dir) / "input" / names[labels[i]] / f"{i:0{width}d}.png"
+        if path.exists():
+            continue
+        codes = load_codes([rows[i]], args.test_data_path, device=device, progress=False, tokenizer=vq)
+        save_png(decode(vq, codes, image_size)[0], path)
+
+
+def gather_outputs(args, run_dir: Path, paths, labels, names, rows) -> None:
+    """Rank 0: samples.npz, samples.jsonl and grid.png from the PNGs of all ranks."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise RuntimeError(f"{len(missing)} samples are missing after sampling, e.g. {missing[:3]}")
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in tqdm(paths, desc="gathering", leave=False)]
+    buf = io.BytesIO()
+    np.savez(buf, samples=np.stack(images), labels=np.asarray(labels, dtype=np.int64))
+    atomic_write_bytes(buf.getvalue(), run_dir / "samples.npz")
+    out_rows = []
+    for i, (p, lab) in enumerate(zip(paths, labels)):
+        row = {"identifier": str(p.relative_to(run_dir)), "label": lab, "label_name": names[lab], "split": "generated"}
+        if rows is not None:
+            row["source_identifier"] = rows[i].get("identifier")
+        out_rows.append(row)
+    write_metadata(out_rows, run_dir / "samples.jsonl")
+    grid = make_grid(images, labels, args.grid_columns)
+    save_png(grid, run_dir / "grid.png")
+    print(f"wrote {len(images)} samples to {run_dir} (samples.npz, samples.jsonl, grid.png)", flush=True)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("models")
+    g.add_argument("--gpt-ckpt", type=str, required=True, help="GPT checkpoint: ours (config inside) or the released GPT-B")
+    g.add_argument("--gpt-model", type=str, choices=list(GPT_models), default=None,
+                   help="GPT size; checked against our checkpoints, gives n_head for checkpoints without a config")
+    g.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i", help="conditioning type (class-to-image)")
+    g.add_argument("--no-ema", action="store_true", help="use the trained weights even when the checkpoint has EMA weights")
+    g.add_argument("--cls-token-num", type=int, default=None, help="override the condition positions (checkpoints without a config)")
+    g.add_argument("--num-output-layer", type=int, default=None, help="override the head depth (checkpoints without a config)")
+    g.add_argument("--num-classes", type=int, default=None, help="if given, checked against the GPT")
+    g.add_argument("--codebook-size", type=int, default=None, help="if given, checked against the GPT's total vocabulary")
+    g.add_argument("--num-codebooks", type=int, default=None, help="if given, checked against the GPT")
+    g.add_argument("--vq-ckpt", type=str, required=True, help="MedITok tokenizer checkpoint used to decode the codes")
+    g.add_argument("--precision", type=str, default="bf16", choices=["none", "fp16", "bf16"], help="GPT dtype on GPU (CPU runs float32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the per-position decoding step")
+
+    g = parser.add_argument_group("what to sample")
+    g.add_argument("--test-data-path", "--test_data_path", dest="test_data_path", type=str, default=None,
+                   help="metadata file: one sample per row, with that row's label (the released behaviour)")
+    g.add_argument("--test-split", type=str, default="test",
+                   help="comma-separated splits of --test-data-path to use when it has a split column")
+    g.add_argument("--num-per-class", type=int, default=None, help="instead of test rows: this many samples of every class")
+    g.add_argument("--num-fid-samples", type=int, default=None, help="use at most this many test rows")
+    g.add_argument("--copy-input", action="store_true", help="also decode the test rows' own codes to SAMPLE_DIR/input/")
+
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--cfg-scale", type=float, default=1.5, help="classifier-free guidance scale (1 disables guidance)")
+    g.add_argument("--cfg-interval", type=float, default=-1, help="guide only the first cfg_interval + 1 positions (-1: all)")
+    g.add_argument("--cfg-schedule", type=str, default="constant", choices=CFG_SCHEDULES, help="guidance scale over positions")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    g.add_argument("--global-seed", type=int, default=0, help="rank r seeds with global_seed * world_size + r")
+
+    g = parser.add_argument_group("output")
+    g.add_argument("--sample-dir", type=str, default="samples", help="samples go to SAMPLE_DIR/<run name from the settings>/")
+    g.add_argument("--image-size", type=int, default=None, help="resize samples to this side (default: the tokenizer's)")
+    g.add_argument("--per-proc-batch-size", type=int, default=32, help="images generated at once per process")
+    g.add_argument("--grid-columns", type=int, default=8, help="images per class row in grid.png")
+    return parser
+
+
+if __name__ == "__main__":
+    main(get_parser().parse_args())

@@ -1,0 +1,1 @@
+"""Reconstruction metrics of a MedITok tokenizer over a metadata file (see evaluate.py)."""

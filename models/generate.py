@@ -1,0 +1,319 @@
+"""Sampling from the class-to-image GPT with KV caches and classifier-free guidance.
+
+Structure (as gpt-fast): `generate` allocates the caches once per call with fixed shapes, `prefill`
+runs the condition positions, `decode_one_token` runs one image position (main stack step + the K
+head steps), `decode_n_tokens` loops. Every step writes into the preallocated caches in place and
+reads them through a boolean causal mask, so shapes never change and the step can be torch.compiled.
+
+Guidance follows the released MedITok sampler: with cfg_scale > 1 the batch is doubled with the null
+class; at every head step `logits = uncond + (cond - uncond) * scale`; the index drawn from the guided
+logits is fed to both halves; after position `cfg_interval + 1` (when cfg_interval >= 0) the cond
+logits are used alone. `generate_naive` is the same sampler without any cache (the whole prefix is
+recomputed for every position and every codebook): a reference for tests and the speed baseline.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CFG_SCHEDULES = ("constant", "linear")
+CPU_LINEAR_BACKENDS = ("auto", "torch", "numpy")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling one code per row
+# ----------------------------------------------------------------------------------------------
+def _keep_top_p(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass strictly before each token
+    return sorted_probs.masked_fill(before > top_p, 0.0)
+
+
+def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One index per row of unnormalised probs [B, V] by inverting the CDF: one uniform per row
+    (torch.multinomial costs ~1 ms per call on a small CPU; this is a cumsum and a binary search)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # right=True skips zero-probability entries (their CDF equals the previous one).
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[-1] - 1)  # [B, 1]
+
+
+def sample_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    sample: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """logits [B, V] -> codes [B] (long). Greedy (argmax) when sample is False.
+
+    Same distribution as the released sampler: temperature, then top-k, then top-p (nucleus, the
+    token that crosses top_p is kept), then a draw from the renormalised softmax."""
+    if not sample:
+        return logits.argmax(-1)
+    logits = logits.float() / max(temperature, 1e-5)
+    V = logits.shape[-1]
+    if 0 < top_k < V or top_p < 1.0:
+        # Work on the sorted candidates only: top_k of them (cheap) or, for top-p alone, all of them.
+        vals, cand = logits.topk(top_k if 0 < top_k < V else V, dim=-1)  # sorted, descending
+        probs = F.softmax(vals, dim=-1)
+        if top_p < 1.0:
+            probs = _keep_top_p(probs, top_p)
+        return cand.gather(-1, _draw(probs, generator))[:, 0]
+    return _draw(F.softmax(logits, dim=-1), generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Guidance
+# ----------------------------------------------------------------------------------------------
+def guidance_scales(
+    cfg_scale: float, n_positions: int, cfg_interval: int = -1, cfg_schedule: str = "constant"
+) -> list[Optional[float]]:
+    """Scale used at each image position; None means "cond logits alone" (after cfg_interval).
+
+    constant: cfg_scale everywhere. linear: ramps from 1 at the first position to cfg_scale at the
+    last. cfg_interval >= 0: guidance only up to position cfg_interval + 1 (the released sampler's
+    convention, counted from the first decoded position after the prefill)."""
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ValueError(f"cfg_schedule={cfg_schedule!r}; choose from {CFG_SCHEDULES}")
+    scales: list[Optional[float]] = []
+    for t in range(n_positions):
+        if cfg_interval > -1 and t - 1 > cfg_interval:
+            scales.append(None)
+        elif cfg_schedule == "linear":
+            scales.append(1.0 + (cfg_scale - 1.0) * t / max(n_positions - 1, 1))
+        else:
+            scales.append(cfg_scale)
+    return scales
+
+
+def _guide(logits: torch.Tensor, scale: Optional[float], doubled: bool) -> torch.Tensor:
+    # logits [2B, V] (cond rows first, then uncond) -> [B, V]
+    if not doubled:
+        return logits
+    cond, uncond = logits.chunk(2)
+    return cond if scale is None else uncond + (cond - uncond) * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrix products for CPU decoding
+# ----------------------------------------------------------------------------------------------
+def numpy_blas() -> str:
+    """Name of the BLAS numpy was built with ('scipy-openblas' for the PyPI wheels), '' if unknown."""
+    try:
+        return str(np.__config__.CONFIG["Build Dependencies"]["blas"]["name"])
+    except (AttributeError, KeyError, TypeError):
+        return ""
+
+
+class NumpyLinear:
+    """`linear(x, weight, bias)` through numpy's BLAS, for float32 decoding on the CPU.
+
+    Decoding multiplies a few rows (2 x batch) by every weight matrix. torch's CPU builds use MKL,
+    whose sgemm for so few rows is slow on some CPUs (on the AMD EPYC this was written on, 3x slower
+    than OpenBLAS, which numpy wheels ship). Tensors and arrays share memory: nothing is copied.
+    Transposed weight views are made once per generate() call.
+    Caveat: OpenBLAS worker threads busy-wait between calls; on a CPU shared with other jobs they get
+    descheduled and decoding becomes many times slower. Hence opt-in; with OPENBLAS_NUM_THREADS=1 it
+    degrades gracefully."""
+
+    def __init__(self):
+        self._weights: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        entry = self._weights.get(id(weight))
+        if entry is None:  # keep the tensor alive so that its id stays unique
+            entry = self._weights[id(weight)] = (weight, weight.detach().numpy().T)
+        out = torch.from_numpy(np.dot(x.reshape(-1, x.shape[-1]).numpy(), entry[1]))
+        if bias is not None:
+            out += bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def pick_linear(backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
+    """"torch" (the default of generate()): F.linear. "numpy": NumpyLinear (CPU, float32 only).
+    "auto": numpy on a float32 CPU model when numpy uses OpenBLAS, else torch."""
+    if backend not in CPU_LINEAR_BACKENDS:
+        raise ValueError(f"cpu_linear={backend!r}; choose from {CPU_LINEAR_BACKENDS}")
+    cpu_f32 = device.type == "cpu" and dtype == torch.float32
+    if backend == "numpy" and not cpu_f32:
+        raise ValueError(f"cpu_linear='numpy' needs a float32 model on the CPU (got {dtype} on {device})")
+    if backend == "numpy" or (backend == "auto" and cpu_f32 and "openblas" in numpy_blas().lower()):
+        return NumpyLinear()
+    return F.linear
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached decoding
+# ----------------------------------------------------------------------------------------------
+def decode_head(model, h, scale: Optional[float], doubled: bool, sampler: Callable, linear=F.linear):
+    """The K head steps of one position: h [B2, dim] -> codes [B, K]. Head caches are overwritten."""
+    head = model.output
+    x = h[:, None]  # [B2, 1, dim]
+    codes = []
+    for k in range(model.num_codebooks):
+        logits = head.step(x, model.head_pos[k], model.head_mask[k : k + 1], linear)  # [B2, V]
+        idx = sampler(_guide(logits, scale, doubled))  # [B]
+        codes.append(idx)
+        if k + 1 < model.num_codebooks:
+            x = head.codebooks[k](torch.cat([idx, idx]) if doubled else idx)[:, None]  # same code to both halves
+    return torch.stack(codes, dim=1)
+
+
+def prefill(model, cond_combined, scale: Optional[float], doubled: bool, sampler: Callable, linear=F.linear):
+    """Condition positions 0..T-1 -> codes of image position 0 [B, K]."""
+    T = model.cls_token_num
+    x = model.cls_embedding(cond_combined, train=False).expand(-1, T, -1)  # [B2, T, dim]
+    h = model.step(x, model.seq_pos[:T], linear)
+    return decode_head(model, h, scale, doubled, sampler, linear)
+
+
+def decode_one_token(model, codes, input_pos, scale: Optional[float], doubled: bool, sampler: Callable,
+                     linear=F.linear):
+    """Codes of the previous position [B, K], written at sequence slot input_pos [1] -> codes of the next [B, K]."""
+    if doubled:
+        codes = torch.cat([codes, codes])
+    x = model.tok_embeddings(codes[:, :, None])  # [B2, 1, dim]
+    h = model.step(x, input_pos, linear)
+    return decode_head(model, h, scale, doubled, sampler, linear)
+
+
+def decode_n_tokens(model, codes, first_slot: int, scales, doubled: bool, sampler, linear=F.linear,
+                    step_fn=decode_one_token, out=None):
+    """Positions 1..len(scales)-1 into out [B, K, L]; drops the uncond half for good once guidance is off."""
+    B = codes.shape[0]
+    for t in range(1, len(scales)):
+        if doubled and all(s is None for s in scales[t:]):
+            _shrink_caches(model, B)  # the uncond rows can no longer matter
+            doubled = False
+        slot = first_slot + t - 1  # where the previous position's codes go
+        codes = step_fn(model, codes, model.seq_pos[slot : slot + 1], scales[t], doubled, sampler, linear)
+        out[:, :, t] = codes
+    return out
+
+
+def _shrink_caches(model, batch_size: int) -> None:
+    for layer in list(model.layers) + list(model.output.layers):
+        cache = layer.attention.kv_cache
+        cache.k_cache, cache.v_cache = cache.k_cache[:batch_size], cache.v_cache[:batch_size]
+
+
+def _check_args(model, cond: torch.Tensor, max_new_tokens: int) -> None:
+    if cond.ndim != 1:
+        raise ValueError(f"cond must be a 1-D tensor of class labels, got shape {tuple(cond.shape)}")
+    if not 1 <= max_new_tokens <= model.block_size:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, block_size={model.block_size}]")
+
+
+def generate(
+    model,
+    cond: torch.Tensor,
+    max_new_tokens: int,
+    cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
+    cfg_schedule: str = "constant",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    sample_logits: bool = True,
+    generator: Optional[torch.Generator] = None,
+    compile: bool = False,
+    cpu_linear: str = "torch",
+) -> torch.Tensor:
+    """Class labels cond [B] -> codes [B, K, max_new_tokens] (long), in raster order.
+
+    cfg_scale > 1 enables guidance (batch doubled with the null class). sample_logits=False is greedy.
+    Pass a torch.Generator (on the model's device) for reproducible samples. compile=True wraps the
+    per-position step in torch.compile (worth it on a GPU; the first call pays the compile time).
+    cpu_linear picks the matrix products of a float32 CPU model ("auto", "torch", "numpy"; see
+    `pick_linear`); compile=True always uses torch's."""
+    _check_args(model, cond, max_new_tokens)
+    with torch.inference_mode():
+        codes = _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k,
+                          top_p, sample_logits, generator, compile, cpu_linear)
+    return codes.clone()  # a normal tensor (inference tensors cannot enter autograd later)
+
+
+def _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k, top_p,
+              sample_logits, generator, compile, cpu_linear) -> torch.Tensor:
+    doubled = cfg_scale > 1.0
+    if doubled and model.config.class_dropout_prob <= 0:
+        raise ValueError("guidance needs the null class: this model was built with class_dropout_prob = 0")
+    B, K, T = cond.shape[0], model.num_codebooks, model.cls_token_num
+    device = model.output.linear_head.weight.device
+    cond = cond.to(device)
+    cond_combined = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if doubled else cond
+    scales = guidance_scales(cfg_scale, max_new_tokens, cfg_interval, cfg_schedule)
+
+    def sampler(logits):
+        return _sample(logits, temperature, top_k, top_p, sample_logits, generator)
+
+    was_training = model.training
+    model.eval()
+    seq_len = T + max_new_tokens - 1  # the last position's codes are never fed back
+    model.setup_caches(cond_combined.shape[0], seq_len)
+    step_fn = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
+    linear = F.linear if compile else pick_linear(cpu_linear, device, model.output.linear_head.weight.dtype)
+    try:
+        out = torch.empty(B, K, max_new_tokens, dtype=torch.long, device=device)
+        out[:, :, 0] = codes = prefill(model, cond_combined, scales[0], doubled, sampler, linear)
+        decode_n_tokens(model, codes, T, scales, doubled, sampler, linear, step_fn=step_fn, out=out)
+    finally:
+        model.clear_caches()
+        model.train(was_training)
+    return out
+
+
+_sample = sample_logits  # generate() has a flag of the same name
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache-free reference
+# ----------------------------------------------------------------------------------------------
+def generate_naive(
+    model,
+    cond: torch.Tensor,
+    max_new_tokens: int,
+    cfg_scale: float = 1.0,
+    cfg_interval: int = -1,
+    cfg_schedule: str = "constant",
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    sample_logits: bool = True,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """Same contract as `generate`, without caches: for every position the main stack reruns the whole
+    prefix, and for every codebook the head reruns its whole short sequence. Slow by design."""
+    _check_args(model, cond, max_new_tokens)
+    with torch.inference_mode():
+        codes = _generate_naive(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature,
+                                top_k, top_p, sample_logits, generator)
+    return codes.clone()
+
+
+def _generate_naive(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k, top_p,
+                    sample_logits, generator) -> torch.Tensor:
+    doubled = cfg_scale > 1.0
+    B, K = cond.shape[0], model.num_codebooks
+    device = model.output.linear_head.weight.device
+    cond = cond.to(device)
+    cond_combined = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if doubled else cond
+    scales = guidance_scales(cfg_scale, max_new_tokens, cfg_interval, cfg_schedule)
+    was_training = model.training
+    model.eval()
+    out = torch.zeros(cond_combined.shape[0], K, max_new_tokens, dtype=torch.long, device=device)
+    try:
+        for t in range(max_new_tokens):
+            h = model.hidden(out[:, :, :t], cond_combined)[:, -1:]  # [B2, 1, dim]
+            for k in range(K):
+                logits = model.output(h, out[:, :, t : t + 1])[:, 0, k]  # [B2, V]; codes >= k are not read
+                idx = _sample(_guide(logits, scales[t], doubled), temperature, top_k, top_p, sample_logits, generator)
+                out[:, k, t] = torch.cat([idx, idx]) if doubled else idx
+    finally:
+        model.train(was_training)
+    return out[:B]

@@ -1,0 +1,158 @@
+"""KV-cache sampling with guidance: parity with the released sampler and invariants."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import load_state_dict_strict
+from models.generate import generate, generate_naive, guidance_scales, sample_logits
+from models.gpt import ModelArgs, Transformer
+from tests.test_gpt import one_thread, randomize, tiny_args  # noqa: F401 (one_thread: autouse fixture)
+
+REFERENCE = Path(__file__).parent / "data" / "gpt_c2i_tiny_reference.pt"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ref = torch.load(REFERENCE, weights_only=True)
+    model = load_state_dict_strict(Transformer(ModelArgs(**ref["config"])), ref["state_dict"])
+    return ref, model.eval()
+
+
+@pytest.mark.parametrize("cpu_linear", ["torch", "numpy"])
+@pytest.mark.parametrize("cfg", [1, 3])
+def test_reference_greedy_codes(reference, cfg, cpu_linear):
+    ref, model = reference
+    labels = ref["labels"].long()
+    expected = ref[f"greedy_codes_cfg{cfg}"].long()
+    codes = generate(model, labels, expected.shape[-1], cfg_scale=float(cfg), sample_logits=False, cpu_linear=cpu_linear)
+    assert codes.shape == expected.shape and codes.dtype == torch.long
+    assert torch.equal(codes, expected)
+
+
+def test_reference_greedy_codes_uncached(reference):
+    ref, model = reference
+    codes = generate_naive(model, ref["labels"].long(), 16, cfg_scale=3.0, sample_logits=False)
+    assert torch.equal(codes, ref["greedy_codes_cfg3"].long())
+
+
+VARIANTS = {
+    "base": dict(),
+    "grouped-query, 3 condition slots, 2 head layers": dict(n_kv_head=2, cls_token_num=3, n_output_layer=2),
+    "2 codebooks, 6x6 grid": dict(num_codebooks=2, vocab_size=64, block_size=36),
+    "1 codebook": dict(num_codebooks=1, vocab_size=32),
+}
+GUIDANCE = {
+    "none": dict(cfg_scale=1.0),
+    "constant": dict(cfg_scale=3.0),
+    "linear": dict(cfg_scale=2.0, cfg_schedule="linear"),
+    "interval": dict(cfg_scale=4.0, cfg_interval=3),
+}
+
+
+@pytest.mark.parametrize("variant, guidance", [
+    ("base", "none"), ("base", "constant"), ("base", "linear"), ("base", "interval"),
+    ("grouped-query, 3 condition slots, 2 head layers", "constant"),
+    ("2 codebooks, 6x6 grid", "interval"),
+    ("1 codebook", "constant"),
+])
+def test_cached_greedy_equals_uncached_argmax(variant, guidance):
+    model = randomize(Transformer(tiny_args(**VARIANTS[variant]))).eval()
+    labels = torch.tensor([0, 2, 1, 0])
+    L = model.block_size
+    cached = generate(model, labels, L, sample_logits=False, **GUIDANCE[guidance])
+    naive = generate_naive(model, labels, L, sample_logits=False, **GUIDANCE[guidance])
+    assert cached.shape == (4, model.num_codebooks, L)
+    assert torch.equal(cached, naive)
+
+
+def test_uncached_argmax_matches_teacher_forced_argmax():
+    """The naive sampler's greedy codes are the fixed point of teacher forcing: feeding them back gives
+    logits whose argmax is the codes themselves (checks the sampler's slot bookkeeping independently)."""
+    model = randomize(Transformer(tiny_args())).eval()
+    labels = torch.tensor([1, 2])
+    codes = generate_naive(model, labels, model.block_size, sample_logits=False)
+    logits, _ = model(codes[:, :, :-1], labels, targets=codes)
+    assert torch.equal(logits.argmax(-1), codes)
+
+
+def test_top_k_1_equals_greedy():
+    model = randomize(Transformer(tiny_args())).eval()
+    labels = torch.tensor([0, 1, 2])
+    greedy = generate(model, labels, 10, cfg_scale=2.0, sample_logits=False)
+    g = torch.Generator().manual_seed(0)
+    top1 = generate(model, labels, 10, cfg_scale=2.0, top_k=1, temperature=1.7, generator=g)
+    assert torch.equal(top1, greedy)
+
+
+def test_sampling_is_reproducible_with_a_generator_and_varies_with_the_seed():
+    model = randomize(Transformer(tiny_args())).eval()
+    labels = torch.tensor([0, 1])
+
+    def run(seed, **kw):
+        return generate(model, labels, 12, cfg_scale=2.0, generator=torch.Generator().manual_seed(seed), **kw)
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+    assert torch.equal(run(5, top_k=4, top_p=0.8), run(5, top_k=4, top_p=0.8))
+
+
+def test_cached_sampling_equals_uncached_sampling_with_the_same_seed():
+    # Both draw one uniform per head step in the same order, so equal logits give equal samples.
+    model = randomize(Transformer(tiny_args()), std=0.1).eval()
+    labels = torch.tensor([0, 1, 2])
+    kw = dict(cfg_scale=2.0, top_k=20, top_p=0.9, temperature=1.3)
+    cached = generate(model, labels, 16, generator=torch.Generator().manual_seed(3), cpu_linear="torch", **kw)
+    naive = generate_naive(model, labels, 16, generator=torch.Generator().manual_seed(3), **kw)
+    assert (cached == naive).float().mean() > 0.95  # float round-off may flip a rare near-tie
+
+
+def test_sample_logits_filters():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50)
+    g = torch.Generator().manual_seed(0)
+    top3 = logits.topk(3, dim=-1).indices
+    drawn = sample_logits(logits, top_k=3, generator=g)
+    assert (drawn[:, None] == top3).any(-1).all()
+    # top-p small enough to keep only the most likely token
+    assert torch.equal(sample_logits(logits, top_p=1e-6, generator=g), logits.argmax(-1))
+    # the token that crosses top_p is kept: with two equal tokens and top_p=0.5 both can appear
+    two = torch.tensor([[5.0, 5.0, -30.0]]).repeat(2000, 1)
+    drawn = sample_logits(two, top_p=0.5, generator=g)
+    assert set(drawn.tolist()) == {0, 1}
+    # plain sampling follows the softmax: frequencies within a few standard errors
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    drawn = sample_logits(probs.log().repeat(20000, 1), generator=g)
+    freq = torch.bincount(drawn, minlength=3).float() / drawn.numel()
+    assert (freq - probs).abs().max() < 0.02
+    assert torch.equal(sample_logits(logits, sample=False), logits.argmax(-1))
+
+
+def test_guidance_scales():
+    assert guidance_scales(3.0, 4) == [3.0] * 4
+    assert guidance_scales(3.0, 5, cfg_schedule="linear") == [1.0, 1.5, 2.0, 2.5, 3.0]
+    # the released sampler's convention: guidance up to position cfg_interval + 1
+    assert guidance_scales(2.0, 5, cfg_interval=1) == [2.0, 2.0, 2.0, None, None]
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        guidance_scales(2.0, 3, cfg_schedule="cosine")
+
+
+def test_generate_restores_the_model_state():
+    model = randomize(Transformer(tiny_args()))
+    model.train()
+    keys = list(model.state_dict())
+    generate(model, torch.tensor([0]), 5, cfg_scale=2.0)
+    assert model.training and list(model.state_dict()) == keys
+    assert all(layer.attention.kv_cache is None for layer in model.layers)
+
+
+def test_generate_argument_errors():
+    model = Transformer(tiny_args())
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, torch.tensor([0]), model.block_size + 1)
+    with pytest.raises(ValueError, match="1-D"):
+        generate(model, torch.tensor([[0]]), 4)
+    with pytest.raises(ValueError, match="null class"):
+        generate(Transformer(tiny_args(class_dropout_prob=0.0)), torch.tensor([0]), 4, cfg_scale=2.0)
+    with pytest.raises(ValueError, match="cpu_linear"):
+        generate(model, torch.tensor([0]), 4, cpu_linear="fast")

@@ -1,0 +1,204 @@
+"""scripts/train_tokenizer.py: training lowers the loss, resume equals an uninterrupted run, and the
+result loads in batch_infer.py. Tiny images (16 px, a 2x2 grid) of smooth synthetic blobs, on CPU."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from datasets.image_dataset import ImageDataset
+from datasets.metadata import read_metadata, write_metadata
+from models.checkpoint import load_checkpoint
+from models.meditok import build_meditok
+from scripts.train_tokenizer import enable_grad_checkpointing, epoch_batches, get_parser, lr_at, main
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE = 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from a second thread, and on a busy shared CPU they lose a lot.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """12 train + 4 val grey PNGs of random Gaussian blobs; returns the metadata path."""
+    root = tmp_path_factory.mktemp("tok_data")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:32, 0:32] / 32.0
+    rows = []
+    for i in range(16):
+        img = np.zeros((32, 32))
+        for _ in range(3):
+            cy, cx, s = rng.uniform(0.2, 0.8), rng.uniform(0.2, 0.8), rng.uniform(0.08, 0.25)
+            img += rng.uniform(0.3, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+        name = f"img_{i:02d}.png"
+        Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8), mode="L").save(root / name)
+        rows.append({"identifier": name, "label": i % 2, "split": "val" if i >= 12 else "train"})
+    write_metadata(rows, root / "metadata.csv")
+    return root / "metadata.csv"
+
+
+def run(meta: Path, out: Path, *extra: str):
+    args = get_parser().parse_args([
+        "--train-data", str(meta), "--out-dir", str(out), "--config", "MedITok-Tiny", "--image-size", str(SIZE),
+        "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1", "--eval-every", "0",
+        "--no-progress", "--no-tensorboard", *extra,
+    ])
+    return main(args)
+
+
+def images(meta: Path, split: str) -> torch.Tensor:
+    ds = ImageDataset(meta, image_size=SIZE, split=split)
+    return torch.stack([ds[i]["image"] for i in range(len(ds))])
+
+
+@torch.no_grad()
+def rec_mse(model, x: torch.Tensor) -> float:
+    return F.mse_loss(model.eval().img_to_reconstructed_img(x), x).item()
+
+
+def test_schedule_and_sharding():
+    lrs = [lr_at(s, 1.0, 100, 10, 0.1) for s in range(101)]
+    assert lrs[0] < lrs[9] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warm-up
+    # Two ranks see disjoint halves of each global batch; an epoch uses each index at most once.
+    r0, r1 = (epoch_batches(10, 4, 2, r, seed=0, epoch=3) for r in (0, 1))
+    assert len(r0) == len(r1) == 2 and all(len(b) == 2 for b in r0 + r1)
+    seen = [i for b in r0 + r1 for i in b]
+    assert len(seen) == len(set(seen)) == 8
+    assert epoch_batches(10, 4, 1, 0, 0, 3) != epoch_batches(10, 4, 1, 0, 0, 4)  # reshuffled each epoch
+
+
+@pytest.mark.slow
+def test_training_lowers_reconstruction_loss(data, tmp_path):
+    x = images(data, "train")
+    torch.manual_seed(0)  # the script seeds the same way before building the model
+    init = build_meditok(model_name="MedITok-Tiny", img_size=SIZE)
+    results = run(data, tmp_path / "out", "--max-steps", "30", "--lr", "2e-3")
+    trained = build_meditok(tmp_path / "out" / "tokenizer.pt", prefer_ema=False)
+    assert rec_mse(trained, x) < 0.7 * rec_mse(init, x)
+    ckpt = load_checkpoint(tmp_path / "out" / "tokenizer.pt")
+    assert ckpt["kind"] == "meditok" and ckpt["step"] == 30 and "ema" in ckpt
+    # The validation metrics are those of the saved weights.
+    val = images(data, "val")
+    psnr = 10 * torch.log10(4 / ((trained.img_to_reconstructed_img(val) - val) ** 2).flatten(1).mean(1)).mean()
+    assert results["model"]["psnr"] == pytest.approx(psnr.item(), abs=1e-3)
+    assert all(0 < u <= 1 for u in results["model"]["usage"].tolist())
+
+
+def test_resume_equals_uninterrupted(data, tmp_path):
+    # EMA, the GAN (from step 2) and dead-code restarts all carry state across the interruption.
+    opts = ["--max-steps", "6", "--lr", "1e-3", "--disc-weight", "0.5", "--disc-start", "2", "--disc-width", "8",
+            "--disc-layers", "1", "--dead-code-every", "2", "--ckpt-every", "2", "--val-max-images", "2"]
+    run(data, tmp_path / "straight", *opts)
+    run(data, tmp_path / "resumed", *opts, "--stop-at-step", "3")
+    assert load_checkpoint(tmp_path / "resumed" / "tokenizer.pt")["step"] == 3
+    run(data, tmp_path / "resumed", *opts)
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_0000006.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_0000006.pt")
+    for key in ("model", "ema", "disc"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            torch.testing.assert_close(a[key][name], b[key][name], rtol=0, atol=1e-6, msg=f"{key}.{name}")
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i in a["optimizer"]["state"]:
+        torch.testing.assert_close(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"],
+                                   rtol=0, atol=1e-6)
+    assert a["step"] == b["step"] == 6 and a["usage_updates"] == b["usage_updates"]
+    # Older checkpoints are pruned to --keep-checkpoints.
+    assert len(list((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))) == 2
+
+
+def test_loss_options_run(data, tmp_path):
+    """Perceptual loss from a user file, entropy loss, flips, random CT windows and uncached reading."""
+    from torchvision.models import vgg16
+
+    weights = tmp_path / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in vgg16(weights=None).features.state_dict().items()}, weights)
+    run(data, tmp_path / "out", "--max-steps", "2", "--perceptual-weights", str(weights), "--entropy-weight", "0.1",
+        "--hflip", "0.5", "--random-ct-window", "--ema-decay", "0", "--val-max-images", "2")
+    ckpt = load_checkpoint(tmp_path / "out" / "tokenizer.pt")
+    assert "ema" not in ckpt and ckpt["config"]["use_entropy_loss"] is True
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_fine_tune_from_checkpoint(data, tmp_path):
+    run(data, tmp_path / "a", "--max-steps", "2", "--val-max-images", "2")
+    start = build_meditok(tmp_path / "a" / "tokenizer.pt")
+    run(data, tmp_path / "b", "--max-steps", "1", "--val-max-images", "2",
+        "--init-ckpt", str(tmp_path / "a" / "tokenizer.pt"), "--ema-decay", "0")
+    tuned = load_checkpoint(tmp_path / "b" / "tokenizer.pt")
+    # Started from A's (EMA) weights: one small step away from them, far from a fresh initialisation.
+    diff = max((tuned["model"][k] - v).abs().max().item() for k, v in start.named_parameters())
+    assert 0 < diff < 0.05
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_in_batch_infer(data, tmp_path):
+    run(data, tmp_path / "out", "--max-steps", "2", "--val-max-images", "2")
+    ckpt = tmp_path / "out" / "tokenizer.pt"
+    out = tmp_path / "codes"
+    proc = subprocess.run(
+        [sys.executable, "batch_infer.py", "--output_dir", str(out), "--pretrained_path", str(ckpt),
+         "--meta_path", str(data), "--infer_type", "code", "--batch_size", "4", "--num_workers", "0", "--no_progress"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = build_meditok(ckpt)
+    written = {r["identifier"]: r for r in read_metadata(out / data.name)}
+    assert len(written) == 16
+    ds = ImageDataset(data, image_size=SIZE)
+    for i in (0, 13):
+        codes = torch.load(out / written[ds.rows[i]["identifier"]]["code_identifier"], weights_only=True)
+        grid = SIZE // model.config.downsample
+        assert codes.shape == (model.num_codebooks, grid, grid)
+        with torch.no_grad():
+            expected = model.img_to_idx(ds[i]["image"][None])[0].view_as(codes)
+        assert torch.equal(codes, expected)
+
+
+def test_grad_checkpointing_keeps_keys_and_gradients():
+    torch.manual_seed(0)
+    model = build_meditok(model_name="MedITok-Tiny", img_size=SIZE).train()
+    x = torch.rand(2, model.in_chans, SIZE, SIZE) * 2 - 1
+
+    def grads():
+        model.zero_grad()
+        out = model(x)
+        (F.mse_loss(out["rec"], x) + out["vq_loss"]).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    keys, before = list(model.state_dict()), grads()
+    enable_grad_checkpointing(model)
+    assert list(model.state_dict()) == keys  # checkpoints stay loadable either way
+    after = grads()
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)
+
+
+@pytest.mark.slow
+def test_launcher_two_processes_from_another_folder(data, tmp_path):
+    """scripts/train_tokenizer.sh: variables from the environment, relative paths, DDP over 2 CPU processes."""
+    env = {**os.environ, "TRAIN_DATA": str(data), "OUT_DIR": "run", "IMAGE_SIZE": str(SIZE),
+           "BATCH_SIZE": "4", "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1",
+           "EXTRA_ARGS": "--max-steps 2 --val-max-images 2 --no-progress --no-tensorboard"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "train_tokenizer.sh")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world_size=2" in (tmp_path / "run" / "log.txt").read_text()
+    model = build_meditok(tmp_path / "run" / "tokenizer.pt")
+    assert model.img_size == SIZE and load_checkpoint(tmp_path / "run" / "tokenizer.pt")["step"] == 2
