@@ -32,6 +32,10 @@ def _atomic_write(path: str | os.PathLike, write_fn) -> None:
     # The temporary file lives in the destination folder so that os.replace is a same-filesystem rename.
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()

@@ -117,9 +117,9 @@ class NumpyLinear:
     whose sgemm for so few rows is slow on some CPUs (on the AMD EPYC this was written on, 3x slower
     than OpenBLAS, which numpy wheels ship). Tensors and arrays share memory: nothing is copied.
     Transposed weight views are made once per generate() call.
-    Caveat: OpenBLAS worker threads busy-wait between calls; on a CPU shared with other jobs they get
-    descheduled and decoding becomes many times slower. Hence opt-in; with OPENBLAS_NUM_THREADS=1 it
-    degrades gracefully."""
+    Caveat (measured): interleaved with torch's own thread pool, OpenBLAS's busy-waiting threads make
+    whole decoding steps 6x SLOWER (187 vs 30 ms on the quiet 2-core machine), although the matrix
+    products alone are 3x faster in isolation. Experimental, opt-in, not recommended as is."""
 
     def __init__(self):
         self._weights: dict[int, tuple[torch.Tensor, np.ndarray]] = {}

@@ -28,7 +28,7 @@ TOKENIZER_MINUTES=${TOKENIZER_MINUTES:-5}         # wall-clock training budget (
 TOKENIZER_EPOCHS=${TOKENIZER_EPOCHS:-}            # empty: scripts/train_tokenizer.sh's defaults
 TOKENIZER_BATCH_SIZE=${TOKENIZER_BATCH_SIZE:-}
 TOKENIZER_LR=${TOKENIZER_LR:-}
-TOKENIZER_EXTRA_ARGS=${TOKENIZER_EXTRA_ARGS:-}
+TOKENIZER_EXTRA_ARGS=${TOKENIZER_EXTRA_ARGS:---dead-code-every 25}  # restart unused codes: ~73 % codebook use instead of ~12 %
 # tokenization
 INFER_BATCH_SIZE=${INFER_BATCH_SIZE:-64}
 # GPT

@@ -525,8 +525,9 @@ def main(args):
                     writer.add_scalar(f"train/batch_usage_{k}", u, step)
         if args.eval_every and step % args.eval_every == 0 and step < stop_at:
             log_eval(step)
-        if budget_s is not None and step - step_run == args.calibration_steps:
-            # Fit the cosine schedule into the time budget, from the speed measured so far.
+        if budget_s is not None and step - step_run >= args.calibration_steps and step % args.calibration_steps == 0:
+            # Fit the cosine schedule into the time budget, from the speed measured so far (evaluations
+            # included); re-checked every --calibration-steps since a shared machine's speed changes.
             per_step = (time.time() - t_run) / (step - step_run)
             fit = step + int((budget_s - elapsed() - args.reserve_s) / per_step)
             if fit < total_steps:
@@ -594,7 +595,8 @@ def get_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max-steps", type=int, default=0, help="schedule length in steps (0: from --epochs)")
     optim.add_argument("--max-minutes", type=float, default=0.0,
                        help="wall-time budget: the schedule is shortened to fit it and training stops in time (0: none)")
-    optim.add_argument("--calibration-steps", type=int, default=20, help="steps timed before fitting the schedule to --max-minutes")
+    optim.add_argument("--calibration-steps", type=int, default=20,
+                       help="with --max-minutes: shorten the schedule to fit the budget every N steps, from the measured speed")
     optim.add_argument("--reserve-s", type=float, default=15.0, help="seconds of --max-minutes kept for the final evaluation and saving")
     optim.add_argument("--stop-at-step", type=int, default=0,
                        help="stop (and save) at this step without changing the schedule; rerun to resume (0: off)")

@@ -146,6 +146,7 @@ def test_codes_metadata_and_failures(tmp_path, tokenizer, data):
     assert not list(out.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_batch_size_one_and_latent_inverse(tmp_path, tokenizer, data):
     ckpt, model = tokenizer
     root, meta, good, bad = data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,14 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     assert a["step"] == b["step"] == 6 and a["usage_updates"] == b["usage_updates"]
     # Older checkpoints are pruned to --keep-checkpoints.
     assert len(list((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))) == 2
+
+
+def test_max_minutes_bounds_the_run(data, tmp_path):
+    t0 = time.time()
+    run(data, tmp_path / "out", "--max-steps", "100000", "--max-minutes", "0.15", "--reserve-s", "0",
+        "--calibration-steps", "2", "--val-max-images", "2")
+    assert time.time() - t0 < 0.15 * 60 + 60  # the budget plus model building, final evaluation and saving
+    assert 0 <= load_checkpoint(tmp_path / "out" / "tokenizer.pt")["step"] < 100000
 
 
 def test_loss_options_run(data, tmp_path):
