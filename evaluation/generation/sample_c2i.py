@@ -158,8 +158,8 @@ def load_models(args, device):
 # ----------------------------------------------------------------------------------------------
 # Sampling
 # ----------------------------------------------------------------------------------------------
+@torch.no_grad()  # scoped, not torch.set_grad_enabled(False): main() is also called in-process by tests
 def main(args):
-    torch.set_grad_enabled(False)
     rank, world_size, device = setup_distributed()
     gpt, vq, weights, ckpt = load_models(args, device)
     num_classes = gpt.config.num_classes
