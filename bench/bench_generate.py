@@ -6,7 +6,6 @@
 "positions/s" counts image positions of all images in the batch (batch * positions / seconds), each
 position being K codes. Random weights (speed does not depend on them). Modes:
   cached   generate() with fixed-shape KV caches (torch matrix products)
-  numpy    generate(cpu_linear="numpy"): decode matrix products through numpy's OpenBLAS (CPU only)
   compile  generate(compile=True): the per-position step under torch.compile (first call excluded)
   naive    generate_naive(): no caches, the whole prefix is recomputed for every position and codebook,
            as a straightforward implementation would; it gets slower as the prefix grows, so it runs on
@@ -48,7 +47,7 @@ def time_one(model, mode: str, positions: int, args) -> float:
     if mode == "naive":
         run = lambda n: generate_naive(model, cond, n, **kw)  # noqa: E731
     else:
-        extra = {"cached": {}, "numpy": dict(cpu_linear="numpy"), "compile": dict(compile=True)}[mode]
+        extra = {"cached": {}, "compile": dict(compile=True)}[mode]
         run = lambda n: generate(model, cond, n, **kw, **extra)  # noqa: E731
     run(positions if mode == "compile" else min(positions, 4))  # warm-up (compile: the whole length)
     best = float("inf")
@@ -92,7 +91,7 @@ def main(args):
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="configurations to time")
-    p.add_argument("--modes", nargs="+", choices=["naive", "cached", "numpy", "compile"], default=["naive", "cached"],
+    p.add_argument("--modes", nargs="+", choices=["naive", "cached", "compile"], default=["naive", "cached"],
                    help="samplers to time (put naive first to get the ratio column)")
     p.add_argument("--batch", type=int, default=4, help="images per batch (doubled internally by guidance)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (>1 doubles the batch)")

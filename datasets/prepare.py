@@ -108,8 +108,15 @@ def prepare_medmnist(args) -> list[dict]:
     meta_path = out_dir / args.meta_name
     label_names = args.label_names.split(",") if args.label_names else None
     rows = []
-    for npz_path in map(Path, args.npz):
+    if args.class_per_file and args.label is not None:
+        raise ValueError("--class_per_file and --label exclude each other")
+    for file_index, npz_path in enumerate(map(Path, args.npz)):
         name = npz_path.name.split(".")[0]
+        # --class_per_file: the i-th file is class i (the released six-modality task: one subset per class)
+        file_label = file_index if args.class_per_file else args.label
+        file_label_name = args.label_name
+        if args.class_per_file and label_names is None:
+            file_label_name = name
         with np.load(npz_path, allow_pickle=False) as z:
             splits = [s for s in args.splits if f"{s}_images" in z]
             if not splits:
@@ -119,8 +126,8 @@ def prepare_medmnist(args) -> list[dict]:
                 images = z[f"{split}_images"]
                 if images.dtype != np.uint8:
                     raise ReadError(f"{npz_path}: {split}_images has dtype {images.dtype}; MedMNIST stores uint8")
-                if args.label is not None:
-                    labels = np.full(len(images), args.label)
+                if file_label is not None:
+                    labels = np.full(len(images), file_label)
                 else:
                     if f"{split}_labels" not in z:
                         raise ReadError(f"{npz_path}: {split}_images has no {split}_labels; pass --label")
@@ -140,12 +147,12 @@ def prepare_medmnist(args) -> list[dict]:
                         atomic_write_bytes(_npy_bytes(images[i]), path)
                         depth = images.shape[1]
                         for s in range(0, depth, args.slice_stride):
-                            rows.append(_row(path, meta_path, label, split, label_names, args.label_name,
+                            rows.append(_row(path, meta_path, label, split, label_names, file_label_name,
                                              slice_index=s, slice_axis=0))
                     else:
                         path = base / f"{i:06d}.png"
                         atomic_write_bytes(png_bytes(images[i]), path)
-                        rows.append(_row(path, meta_path, label, split, label_names, args.label_name))
+                        rows.append(_row(path, meta_path, label, split, label_names, file_label_name))
     write_metadata(rows, meta_path)
     return rows
 
@@ -257,6 +264,8 @@ def parse_args(argv=None):
     p.add_argument("--splits", nargs="+", default=list(SPLITS), choices=SPLITS, help="which splits to export")
     p.add_argument("--label", type=int, default=None, help="give every image this class (e.g. one class per MedMNIST subset)")
     p.add_argument("--label_name", default=None, help="label_name written on every row (with --label)")
+    p.add_argument("--class_per_file", action="store_true",
+                   help="the i-th --npz file is class i (label_name: --label_names, else the file name)")
     p.add_argument("--label_names", default=None, help="comma-separated class names indexed by the npz labels")
     p.add_argument("--slice_stride", type=int, default=1, help="3-D volumes: keep every n-th slice")
     p.add_argument("--max_per_split", type=int, default=None, help="export at most this many images per split")

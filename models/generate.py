@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 CFG_SCHEDULES = ("constant", "linear")
-CPU_LINEAR_BACKENDS = ("auto", "torch", "numpy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,63 +98,15 @@ def _guide(logits: torch.Tensor, scale: Optional[float], doubled: bool) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
-# Matrix products for CPU decoding
-# ----------------------------------------------------------------------------------------------
-def numpy_blas() -> str:
-    """Name of the BLAS numpy was built with ('scipy-openblas' for the PyPI wheels), '' if unknown."""
-    try:
-        return str(np.__config__.CONFIG["Build Dependencies"]["blas"]["name"])
-    except (AttributeError, KeyError, TypeError):
-        return ""
-
-
-class NumpyLinear:
-    """`linear(x, weight, bias)` through numpy's BLAS, for float32 decoding on the CPU.
-
-    Decoding multiplies a few rows (2 x batch) by every weight matrix. torch's CPU builds use MKL,
-    whose sgemm for so few rows is slow on some CPUs (on the AMD EPYC this was written on, 3x slower
-    than OpenBLAS, which numpy wheels ship). Tensors and arrays share memory: nothing is copied.
-    Transposed weight views are made once per generate() call.
-    Caveat (measured): interleaved with torch's own thread pool, OpenBLAS's busy-waiting threads make
-    whole decoding steps 6x SLOWER (187 vs 30 ms on the quiet 2-core machine), although the matrix
-    products alone are 3x faster in isolation. Experimental, opt-in, not recommended as is."""
-
-    def __init__(self):
-        self._weights: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        entry = self._weights.get(id(weight))
-        if entry is None:  # keep the tensor alive so that its id stays unique
-            entry = self._weights[id(weight)] = (weight, weight.detach().numpy().T)
-        out = torch.from_numpy(np.dot(x.reshape(-1, x.shape[-1]).numpy(), entry[1]))
-        if bias is not None:
-            out += bias
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def pick_linear(backend: str, device: torch.device, dtype: torch.dtype) -> Callable:
-    """"torch" (the default of generate()): F.linear. "numpy": NumpyLinear (CPU, float32 only).
-    "auto": numpy on a float32 CPU model when numpy uses OpenBLAS, else torch."""
-    if backend not in CPU_LINEAR_BACKENDS:
-        raise ValueError(f"cpu_linear={backend!r}; choose from {CPU_LINEAR_BACKENDS}")
-    cpu_f32 = device.type == "cpu" and dtype == torch.float32
-    if backend == "numpy" and not cpu_f32:
-        raise ValueError(f"cpu_linear='numpy' needs a float32 model on the CPU (got {dtype} on {device})")
-    if backend == "numpy" or (backend == "auto" and cpu_f32 and "openblas" in numpy_blas().lower()):
-        return NumpyLinear()
-    return F.linear
-
-
-# ----------------------------------------------------------------------------------------------
 # Cached decoding
 # ----------------------------------------------------------------------------------------------
-def decode_head(model, h, scale: Optional[float], doubled: bool, sampler: Callable, linear=F.linear):
+def decode_head(model, h, scale: Optional[float], doubled: bool, sampler: Callable):
     """The K head steps of one position: h [B2, dim] -> codes [B, K]. Head caches are overwritten."""
     head = model.output
     x = h[:, None]  # [B2, 1, dim]
     codes = []
     for k in range(model.num_codebooks):
-        logits = head.step(x, model.head_pos[k], model.head_mask[k : k + 1], linear)  # [B2, V]
+        logits = head.step(x, model.head_pos[k], model.head_mask[k : k + 1])  # [B2, V]
         idx = sampler(_guide(logits, scale, doubled))  # [B]
         codes.append(idx)
         if k + 1 < model.num_codebooks:
@@ -164,26 +114,25 @@ def decode_head(model, h, scale: Optional[float], doubled: bool, sampler: Callab
     return torch.stack(codes, dim=1)
 
 
-def prefill(model, cond_combined, scale: Optional[float], doubled: bool, sampler: Callable, linear=F.linear):
+def prefill(model, cond_combined, scale: Optional[float], doubled: bool, sampler: Callable):
     """Condition positions 0..T-1 -> codes of image position 0 [B, K]."""
     T = model.cls_token_num
     x = model.cls_embedding(cond_combined, train=False).expand(-1, T, -1)  # [B2, T, dim]
-    h = model.step(x, model.seq_pos[:T], linear)
-    return decode_head(model, h, scale, doubled, sampler, linear)
+    h = model.step(x, model.seq_pos[:T])
+    return decode_head(model, h, scale, doubled, sampler)
 
 
-def decode_one_token(model, codes, input_pos, scale: Optional[float], doubled: bool, sampler: Callable,
-                     linear=F.linear):
+def decode_one_token(model, codes, input_pos, scale: Optional[float], doubled: bool, sampler: Callable):
     """Codes of the previous position [B, K], written at sequence slot input_pos [1] -> codes of the next [B, K]."""
     if doubled:
         codes = torch.cat([codes, codes])
     x = model.tok_embeddings(codes[:, :, None])  # [B2, 1, dim]
-    h = model.step(x, input_pos, linear)
-    return decode_head(model, h, scale, doubled, sampler, linear)
+    h = model.step(x, input_pos)
+    return decode_head(model, h, scale, doubled, sampler)
 
 
-def decode_n_tokens(model, codes, first_slot: int, scales, doubled: bool, sampler, linear=F.linear,
-                    step_fn=decode_one_token, out=None):
+def decode_n_tokens(model, codes, first_slot: int, scales, doubled: bool, sampler, step_fn=decode_one_token,
+                    out=None):
     """Positions 1..len(scales)-1 into out [B, K, L]; drops the uncond half for good once guidance is off."""
     B = codes.shape[0]
     for t in range(1, len(scales)):
@@ -191,7 +140,7 @@ def decode_n_tokens(model, codes, first_slot: int, scales, doubled: bool, sample
             _shrink_caches(model, B)  # the uncond rows can no longer matter
             doubled = False
         slot = first_slot + t - 1  # where the previous position's codes go
-        codes = step_fn(model, codes, model.seq_pos[slot : slot + 1], scales[t], doubled, sampler, linear)
+        codes = step_fn(model, codes, model.seq_pos[slot : slot + 1], scales[t], doubled, sampler)
         out[:, :, t] = codes
     return out
 
@@ -222,24 +171,21 @@ def generate(
     sample_logits: bool = True,
     generator: Optional[torch.Generator] = None,
     compile: bool = False,
-    cpu_linear: str = "torch",
 ) -> torch.Tensor:
     """Class labels cond [B] -> codes [B, K, max_new_tokens] (long), in raster order.
 
     cfg_scale > 1 enables guidance (batch doubled with the null class). sample_logits=False is greedy.
     Pass a torch.Generator (on the model's device) for reproducible samples. compile=True wraps the
-    per-position step in torch.compile (worth it on a GPU; the first call pays the compile time).
-    cpu_linear picks the matrix products of a float32 CPU model ("auto", "torch", "numpy"; see
-    `pick_linear`); compile=True always uses torch's."""
+    per-position step in torch.compile (worth it on a GPU; the first call pays the compile time)."""
     _check_args(model, cond, max_new_tokens)
     with torch.inference_mode():
         codes = _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k,
-                          top_p, sample_logits, generator, compile, cpu_linear)
+                          top_p, sample_logits, generator, compile)
     return codes.clone()  # a normal tensor (inference tensors cannot enter autograd later)
 
 
 def _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k, top_p,
-              sample_logits, generator, compile, cpu_linear) -> torch.Tensor:
+              sample_logits, generator, compile) -> torch.Tensor:
     doubled = cfg_scale > 1.0
     if doubled and model.config.class_dropout_prob <= 0:
         raise ValueError("guidance needs the null class: this model was built with class_dropout_prob = 0")
@@ -257,11 +203,10 @@ def _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule
     seq_len = T + max_new_tokens - 1  # the last position's codes are never fed back
     model.setup_caches(cond_combined.shape[0], seq_len)
     step_fn = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
-    linear = F.linear if compile else pick_linear(cpu_linear, device, model.output.linear_head.weight.dtype)
     try:
         out = torch.empty(B, K, max_new_tokens, dtype=torch.long, device=device)
-        out[:, :, 0] = codes = prefill(model, cond_combined, scales[0], doubled, sampler, linear)
-        decode_n_tokens(model, codes, T, scales, doubled, sampler, linear, step_fn=step_fn, out=out)
+        out[:, :, 0] = codes = prefill(model, cond_combined, scales[0], doubled, sampler)
+        decode_n_tokens(model, codes, T, scales, doubled, sampler, step_fn=step_fn, out=out)
     finally:
         model.clear_caches()
         model.train(was_training)

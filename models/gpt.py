@@ -173,9 +173,8 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden, config.dim, bias=False)
         self.ffn_dropout = nn.Dropout(config.ffn_dropout_p)
 
-    def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
-        h = F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight)
-        return self.ffn_dropout(linear(h, self.w2.weight))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class KVCache(nn.Module):
@@ -206,13 +205,12 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
         self.kv_cache: Optional[KVCache] = None  # set by Transformer.setup_caches for generation
 
-    def forward(self, x, freqs_cis=None, input_pos=None, mask=None, linear=F.linear):
+    def forward(self, x, freqs_cis=None, input_pos=None, mask=None):
         # x [B, S, dim]; freqs_cis [S, head_dim // 2, 2] or None (the head has no rotary);
         # with a cache: input_pos [S] cache slots to write, mask [S, S_max] (True = attend).
-        # `linear(x, weight, bias=None)` computes the projections (generate() may pass a faster one).
         B, S, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        qk, v = linear(x, self.wqkv.weight).split([q_dim + kv_dim, kv_dim], dim=-1)
+        qk, v = self.wqkv(x).split([q_dim + kv_dim, kv_dim], dim=-1)
         qk = qk.view(B, S, self.n_head + self.n_kv_head, self.head_dim)
         if freqs_cis is not None:
             qk = apply_rotary_emb(qk, freqs_cis)  # queries and keys in one pass
@@ -229,7 +227,7 @@ class Attention(nn.Module):
             enable_gqa=self.n_kv_head != self.n_head,
         )  # [B, H, S, head_dim]
         out = out.transpose(1, 2).reshape(B, S, q_dim)
-        return self.resid_dropout(linear(out, self.wo.weight))
+        return self.resid_dropout(self.wo(out))
 
 
 class TransformerBlock(nn.Module):
@@ -241,10 +239,10 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.drop_path_p = drop_path_p
 
-    def forward(self, x, freqs_cis=None, input_pos=None, mask=None, linear=F.linear):
-        a = self.attention(self.attention_norm(x), freqs_cis, input_pos, mask, linear)
+    def forward(self, x, freqs_cis=None, input_pos=None, mask=None):
+        a = self.attention(self.attention_norm(x), freqs_cis, input_pos, mask)
         h = x + drop_path(a, self.drop_path_p, self.training)
-        return h + drop_path(self.feed_forward(self.ffn_norm(h), linear), self.drop_path_p, self.training)
+        return h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_p, self.training)
 
 
 class LabelEmbedder(nn.Module):
@@ -306,12 +304,12 @@ class AutoRegressiveHead(nn.Module):
             x = layer(x)
         return self.linear_head(self.norm(x)).view(B, L, K, -1)
 
-    def step(self, x: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    def step(self, x: torch.Tensor, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Cached decoding of one head slot: x [B, 1, dim] (h_t at slot 0, else the previous code's
         embedding), input_pos [1], mask [1, K] -> logits [B, sub_vocab]. Needs Transformer.setup_caches."""
         for layer in self.layers:
-            x = layer(x, None, input_pos, mask, linear)
-        return linear(self.norm(x[:, 0]), self.linear_head.weight, self.linear_head.bias)
+            x = layer(x, None, input_pos, mask)
+        return self.linear_head(self.norm(x[:, 0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,13 +414,13 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = None
         self.causal_mask = self.head_mask = self.seq_pos = self.head_pos = None
 
-    def step(self, x: torch.Tensor, input_pos: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    def step(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         """Cached main stack: x [B, S, dim] embeddings at sequence slots input_pos [S]
         -> normed hidden state of the last slot [B, dim]."""
         mask = self.causal_mask[input_pos]  # [S, S_max]
         freqs = self.rope(x.device)[input_pos]
         for layer in self.layers:
-            x = layer(x, freqs, input_pos, mask, linear)
+            x = layer(x, freqs, input_pos, mask)
         return self.norm(x[:, -1])
 
 

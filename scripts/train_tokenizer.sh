@@ -8,6 +8,8 @@
 # TRAIN_DATA / VAL_DATA are metadata files (VAL_DATA defaults to TRAIN_DATA: its `val` rows are used).
 # Rerunning with the same OUT_DIR resumes from OUT_DIR/checkpoints. The result is OUT_DIR/tokenizer.pt.
 # EXTRA_ARGS passes any other flag of scripts/train_tokenizer.py (e.g. "--max-minutes 5 --hflip 0.5").
+# NPROC_PER_NODE: processes on this machine [GPU count, 1 without GPU]. Several machines: run the same
+# command on each with NNODES, NODE_RANK, MASTER_ADDR (node 0's address) and MASTER_PORT [29500].
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Relative paths given by the caller are relative to where the script was started from.
@@ -29,12 +31,19 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
     [ "${NPROC_PER_NODE:-0}" -ge 1 ] || NPROC_PER_NODE=1
 fi
 
+if [ "${NNODES:-1}" -gt 1 ]; then
+    RDZV=(--nnodes="$NNODES" --node_rank="${NODE_RANK:?set NODE_RANK on every node}"
+          --master_addr="${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port="${MASTER_PORT:-29500}")
+else
+    RDZV=(--standalone)
+fi
+
 cd "$REPO_ROOT"
 source scripts/venv.sh
 INIT_FLAG=()
 [ -n "$INIT_CKPT" ] && INIT_FLAG=(--init-ckpt "$INIT_CKPT")
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
-exec torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" -m scripts.train_tokenizer \
+exec torchrun "${RDZV[@]}" --nproc_per_node="$NPROC_PER_NODE" -m scripts.train_tokenizer \
     --train-data "$TRAIN_DATA" --val-data "$VAL_DATA" --out-dir "$OUT_DIR" \
     --config "$CONFIG" --image-size "$IMAGE_SIZE" --batch-size "$BATCH_SIZE" --epochs "$EPOCHS" --lr "$LR" \
     "${INIT_FLAG[@]}" $EXTRA_ARGS

@@ -19,13 +19,12 @@ def reference():
     return ref, model.eval()
 
 
-@pytest.mark.parametrize("cpu_linear", ["torch", "numpy"])
 @pytest.mark.parametrize("cfg", [1, 3])
-def test_reference_greedy_codes(reference, cfg, cpu_linear):
+def test_reference_greedy_codes(reference, cfg):
     ref, model = reference
     labels = ref["labels"].long()
     expected = ref[f"greedy_codes_cfg{cfg}"].long()
-    codes = generate(model, labels, expected.shape[-1], cfg_scale=float(cfg), sample_logits=False, cpu_linear=cpu_linear)
+    codes = generate(model, labels, expected.shape[-1], cfg_scale=float(cfg), sample_logits=False)
     assert codes.shape == expected.shape and codes.dtype == torch.long
     assert torch.equal(codes, expected)
 
@@ -102,7 +101,7 @@ def test_cached_sampling_equals_uncached_sampling_with_the_same_seed():
     model = randomize(Transformer(tiny_args()), std=0.1).eval()
     labels = torch.tensor([0, 1, 2])
     kw = dict(cfg_scale=2.0, top_k=20, top_p=0.9, temperature=1.3)
-    cached = generate(model, labels, 16, generator=torch.Generator().manual_seed(3), cpu_linear="torch", **kw)
+    cached = generate(model, labels, 16, generator=torch.Generator().manual_seed(3), **kw)
     naive = generate_naive(model, labels, 16, generator=torch.Generator().manual_seed(3), **kw)
     assert (cached == naive).float().mean() > 0.95  # float round-off may flip a rare near-tie
 
@@ -154,5 +153,3 @@ def test_generate_argument_errors():
         generate(model, torch.tensor([[0]]), 4)
     with pytest.raises(ValueError, match="null class"):
         generate(Transformer(tiny_args(class_dropout_prob=0.0)), torch.tensor([0]), 4, cfg_scale=2.0)
-    with pytest.raises(ValueError, match="cpu_linear"):
-        generate(model, torch.tensor([0]), 4, cpu_linear="fast")

@@ -46,6 +46,21 @@ def test_medmnist_2d(tmp_path, shape):
             assert not Path(row["identifier"]).is_absolute()  # portable: relative to the metadata
 
 
+def test_medmnist_class_per_file_builds_the_multi_modality_task(tmp_path):
+    # The released c2i task: one MedMNIST subset per class, named after the file.
+    make_medmnist(tmp_path / "pathmnist.npz", (8, 8, 3), n=(3, 1, 1))
+    make_medmnist(tmp_path / "chestmnist.npz", (8, 8), n=(2, 1, 0))
+    main(parse_args(["medmnist", "--npz", str(tmp_path / "pathmnist.npz"), str(tmp_path / "chestmnist.npz"),
+                     "--output_dir", str(tmp_path / "out"), "--class_per_file"]))
+    rows = read_metadata(tmp_path / "out" / "metadata.jsonl")
+    got = sorted({(int(r["label"]), r["label_name"]) for r in rows})
+    assert got == [(0, "pathmnist"), (1, "chestmnist")]
+    assert sum(int(r["label"]) == 1 for r in rows) == 3
+    with pytest.raises(ValueError, match="exclude"):
+        main(parse_args(["medmnist", "--npz", str(tmp_path / "pathmnist.npz"), "--output_dir", str(tmp_path / "o"),
+                         "--class_per_file", "--label", "2"]))
+
+
 def test_medmnist_3d_volumes_become_slice_rows(tmp_path):
     arrays = make_medmnist(tmp_path / "organmnist3d.npz", (28, 28, 28), n=(2, 1, 1), labels_2d=False)
     main(parse_args(["medmnist", "--npz", str(tmp_path / "organmnist3d.npz"), "--output_dir", str(tmp_path / "o"),
