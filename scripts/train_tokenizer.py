@@ -23,11 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import contextlib
-import logging
 import math
-import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -41,44 +38,11 @@ from tqdm import tqdm
 from datasets.image_dataset import ImageDataset
 from datasets.metadata import filter_split, read_metadata
 from models.checkpoint import load_checkpoint, load_state_dict_strict, state_dict_to_cpu
+from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from models.meditok import MEDITOK_CONFIGS, MedITok, build_meditok, save_meditok
 
 CKPT_PREFIX = "step_"
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed setup and logging
-# ----------------------------------------------------------------------------------------------
-def setup_distributed():
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; without them we run in one process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-            return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-        dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def create_logger(out_dir: Path, rank: int) -> logging.Logger:
-    """Rank 0 logs to stdout and OUT_DIR/log.txt; other ranks only warn."""
-    logger = logging.getLogger(f"train_tokenizer.{os.getpid()}")
-    logger.handlers.clear()
-    logger.propagate = False
-    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    handlers = [logging.StreamHandler()] + ([logging.FileHandler(out_dir / "log.txt")] if rank == 0 else [])
-    for h in handlers:
-        h.setFormatter(fmt)
-        logger.addHandler(h)
-    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    return logger
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,9 +273,8 @@ def main(args):
     out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if is_dist():
-        dist.barrier()
-    logger = create_logger(out_dir, rank)
+    barrier()
+    logger = create_logger("train_tokenizer", out_dir, rank)
     progress = rank == 0 and not args.no_progress
     torch.manual_seed(args.seed)
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -48,13 +48,7 @@ def models(tmp_path_factory):
     return vq_path, root / "gpt" / "checkpoints" / "latest.pt", meta
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are slower with several threads on a busy machine; restore afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def sample(argv):

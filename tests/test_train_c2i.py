@@ -23,13 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 K, GRID, SUB, CLASSES = 4, 4, 16, 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are slower with several threads on a busy machine; restore afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_codes(folder: Path, n_train=24, n_val=4, n_test=2, grid=GRID, seed=0, fmt=".jsonl"):

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from datasets.code_dataset import find_code_metadata, load_codes
 from datasets.metadata import parse_label, read_metadata, write_metadata
-from evaluation.generation.train_c2i import barrier, is_dist, setup_distributed
 from models.checkpoint import atomic_write_bytes, load_checkpoint
+from models.distributed import barrier, is_dist, setup_distributed
 from models.generate import CFG_SCHEDULES, generate
 from models.gpt import GPT_SIZES, GPT_models, load_gpt
 from models.meditok import build_meditok

@@ -17,7 +17,6 @@ import contextlib
 import copy
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict
@@ -33,54 +32,10 @@ from tqdm import tqdm
 from datasets.code_dataset import CodeDataset, StepBatchSampler, collate_batch, find_code_metadata
 from datasets.metadata import read_metadata
 from models.checkpoint import atomic_save, extract_state_dict, load_checkpoint, load_state_dict_strict, state_dict_to_cpu
+from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.gpt import GPT_models
 
 SCHEDULES = ("constant", "cosine", "linear")
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed setup and logging
-# ----------------------------------------------------------------------------------------------
-def setup_distributed():
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; without them we run in one process."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-            device = torch.device("cuda", local_rank)
-        else:
-            dist.init_process_group("gloo")
-            device = torch.device("cpu")
-        return dist.get_rank(), dist.get_world_size(), device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def barrier():
-    if is_dist():
-        dist.barrier()
-
-
-def create_logger(log_dir: Path | None, rank: int) -> logging.Logger:
-    """Rank 0 logs to stdout and log_dir/log.txt; other ranks stay quiet (warnings only)."""
-    logger = logging.getLogger(f"train_c2i.{os.getpid()}")
-    for h in list(logger.handlers):  # a previous main() in this process (tests, benchmarks)
-        h.close()
-        logger.removeHandler(h)
-    logger.propagate = False
-    fmt = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    handlers = [logging.StreamHandler()]
-    if rank == 0 and log_dir is not None:
-        handlers.append(logging.FileHandler(log_dir / "log.txt"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        logger.addHandler(h)
-    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    return logger
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,7 +242,7 @@ def main(args):
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    logger = create_logger(experiment_dir if rank == 0 else None, rank)
+    logger = create_logger("train_c2i", experiment_dir if rank == 0 else None, rank)
     logger.info(f"args: {vars(args)}")
     logger.info(f"world_size={world_size}, device={device}, backend={dist.get_backend() if is_dist() else 'none'}")
     torch.backends.cuda.matmul.allow_tf32 = True
