@@ -99,15 +99,24 @@ def row_where(row: dict, path: str | os.PathLike | None = None) -> str:
     return f"{loc} ({row.get('identifier')})"
 
 
+def whole_number(value) -> int:
+    """A metadata value that must be an integer: 3, "3", "3.0" or 3.0 -> 3; anything else raises ValueError
+    (csv cells are strings, and pandas-written files turn integer columns with gaps into floats)."""
+    try:
+        as_float = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not an integer") from None
+    if not math.isfinite(as_float) or as_float != int(as_float):
+        raise ValueError(f"{value!r} is not an integer")
+    return int(as_float)
+
+
 def parse_label(row: dict, num_classes: int | None = None, path: str | os.PathLike | None = None) -> int:
     """The row's label as an int in [0, num_classes); a clear error otherwise."""
     value = row.get("label")
     try:
-        as_float = float(value)
-        label = int(as_float)
-        if label != as_float:
-            raise ValueError
-    except (TypeError, ValueError):
+        label = whole_number(value)
+    except ValueError:
         raise MetadataError(f"{row_where(row, path)}: label {value!r} is not an integer") from None
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise MetadataError(f"{row_where(row, path)}: label {label} is outside [0, {num_classes})")

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from datasets.metadata import whole_number
+
 
 class ReadError(ValueError):
     """An image could not be read or does not fit the request; the message names the file and problem."""
@@ -299,8 +301,8 @@ def parse_axis(value) -> int:
             return AXIS_NAMES[key]
         value = key
     try:
-        axis = int(float(value))
-    except (TypeError, ValueError):
+        axis = whole_number(value)
+    except ValueError:
         raise ReadError(f"slice_axis {value!r} is not one of 0, 1, 2 or {sorted(AXIS_NAMES)}") from None
     if axis not in (0, 1, 2):
         raise ReadError(f"slice_axis {axis} is not one of 0, 1, 2")
@@ -311,13 +313,9 @@ def parse_index(value) -> int | None:
     if value is None:
         return None
     try:
-        as_float = float(value)
-        index = int(as_float)
-        if index != as_float:
-            raise ValueError
-    except (TypeError, ValueError):
+        return whole_number(value)
+    except ValueError:
         raise ReadError(f"slice_index {value!r} is not an integer") from None
-    return index
 
 
 def select_slice(raw: RawImage, slice_index: int | None, slice_axis: int, path) -> np.ndarray:

@@ -158,6 +158,15 @@ def _check_args(model, cond: torch.Tensor, max_new_tokens: int) -> None:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, block_size={model.block_size}]")
 
 
+def _with_null_class(model, cond: torch.Tensor, cfg_scale: float) -> tuple[bool, torch.Tensor]:
+    """(guided?, labels on the model's device [B] or, with guidance, [cond; null class] [2B])."""
+    doubled = cfg_scale > 1.0
+    if doubled and model.config.class_dropout_prob <= 0:
+        raise ValueError("guidance needs the null class: this model was built with class_dropout_prob = 0")
+    cond = cond.to(model.output.linear_head.weight.device)
+    return doubled, torch.cat([cond, torch.full_like(cond, model.num_classes)]) if doubled else cond
+
+
 def generate(
     model,
     cond: torch.Tensor,
@@ -186,13 +195,8 @@ def generate(
 
 def _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k, top_p,
               sample_logits, generator, compile) -> torch.Tensor:
-    doubled = cfg_scale > 1.0
-    if doubled and model.config.class_dropout_prob <= 0:
-        raise ValueError("guidance needs the null class: this model was built with class_dropout_prob = 0")
-    B, K, T = cond.shape[0], model.num_codebooks, model.cls_token_num
-    device = model.output.linear_head.weight.device
-    cond = cond.to(device)
-    cond_combined = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if doubled else cond
+    doubled, cond_combined = _with_null_class(model, cond, cfg_scale)
+    B, K, T, device = cond.shape[0], model.num_codebooks, model.cls_token_num, cond_combined.device
     scales = guidance_scales(cfg_scale, max_new_tokens, cfg_interval, cfg_schedule)
 
     def sampler(logits):
@@ -243,11 +247,8 @@ def generate_naive(
 
 def _generate_naive(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k, top_p,
                     sample_logits, generator) -> torch.Tensor:
-    doubled = cfg_scale > 1.0
-    B, K = cond.shape[0], model.num_codebooks
-    device = model.output.linear_head.weight.device
-    cond = cond.to(device)
-    cond_combined = torch.cat([cond, torch.full_like(cond, model.num_classes)]) if doubled else cond
+    doubled, cond_combined = _with_null_class(model, cond, cfg_scale)
+    B, K, device = cond.shape[0], model.num_codebooks, cond_combined.device
     scales = guidance_scales(cfg_scale, max_new_tokens, cfg_interval, cfg_schedule)
     was_training = model.training
     model.eval()
