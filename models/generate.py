@@ -2,8 +2,9 @@
 
 Structure (as gpt-fast): `generate` allocates the caches once per call with fixed shapes, `prefill`
 runs the condition positions, `decode_one_token` runs one image position (main stack step + the K
-head steps), `decode_n_tokens` loops. Every step writes into the preallocated caches in place and
-reads them through a boolean causal mask, so shapes never change and the step can be torch.compiled.
+head steps), `decode_n_tokens` loops. Every step writes into the preallocated caches in place. With
+compile=True it reads them whole through a boolean causal mask, so shapes never change; eager decoding
+reads only the filled prefix. On a CPU the linear weights are prepacked for oneDNN (`PackedLinear`).
 
 Guidance follows the released MedITok sampler: with cfg_scale > 1 the batch is doubled with the null
 class; at every head step `logits = uncond + (cond - uncond) * scale`; the index drawn from the guided
