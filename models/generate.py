@@ -173,7 +173,6 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())  # opaque oneDNN tensor
         self.bias = None if linear.bias is None else linear.bias.detach()
 
@@ -184,7 +183,7 @@ class PackedLinear(nn.Module):
 
 def can_prepack(model) -> bool:
     """Prepacking applies to float32 models on the CPU of a torch build with oneDNN."""
-    w = model.output.linear_head.weight
+    w = model.norm.weight  # the model's dtype and device (read from a module that is never swapped)
     return (w.device.type == "cpu" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
