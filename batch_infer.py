@@ -17,7 +17,6 @@ killed and restarted ends exactly as a clean run.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -38,6 +37,7 @@ from datasets.prepare import png_bytes
 from datasets.readers import CT_WINDOWS, FIT_MODES, FORMATS, INTENSITY_MODES, ReadError, parse_axis, parse_index
 from models.checkpoint import atomic_save, atomic_write_bytes, atomic_write_text, load_checkpoint
 from models.meditok import build_meditok
+from scripts.cli import ArgumentParser
 
 INFER_TYPES = ("code", "latent", "vector", "image")
 PARTS_DIR = ".batch_infer_parts"
@@ -320,7 +320,7 @@ def main(args) -> int:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Tokenize the images of a metadata file with MedITok.")
+    parser = ArgumentParser(description="Tokenize the images of a metadata file with MedITok.")
     io_ = parser.add_argument_group("input / output")
     io_.add_argument("--output_dir", required=True, help="folder for the outputs, the filled metadata and failures.jsonl")
     io_.add_argument("--pretrained_path", required=True, help="tokenizer weights: the released state dict or our checkpoint")

@@ -11,7 +11,6 @@ already preprocessed and on the device. Goal: the pipeline costs at most 15 % mo
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import tempfile
 import time
@@ -28,6 +27,7 @@ import batch_infer
 from datasets.image_dataset import ImageDataset
 from datasets.metadata import write_metadata
 from models.meditok import MEDITOK_CONFIGS, build_meditok
+from scripts.cli import ArgumentParser
 
 
 def make_images(root: Path, n: int) -> list[dict]:
@@ -130,7 +130,7 @@ def main(args) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="batch_infer.py throughput against the bare model forward.")
+    parser = ArgumentParser(description="batch_infer.py throughput against the bare model forward.")
     parser.add_argument("--model", default="MedITok-B", choices=list(MEDITOK_CONFIGS), help="tokenizer size (random weights)")
     parser.add_argument("--image_size", type=int, default=256, help="model input side")
     parser.add_argument("--num_images", type=int, default=40, help="images per measurement")

@@ -19,6 +19,7 @@ import torch
 
 from models.generate import generate, generate_naive
 from models.gpt import GPT_models
+from scripts.cli import ArgumentParser
 
 # The two configurations of issue 3: a CPU-sized model and the released GPT-B, both with MedITok's
 # vocabulary (8 codebooks of 4096) on a 16x16 grid and its 6 classes.
@@ -99,7 +100,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS), help="configurations to time")
     p.add_argument("--modes", nargs="+", choices=["naive", "unpacked", "cached", "compile"],
                    default=["naive", "unpacked", "cached"], help="samplers to time")

@@ -19,6 +19,7 @@ import torch
 from datasets.metadata import write_metadata
 from evaluation.generation import train_c2i
 from models.gpt import GPT_models
+from scripts.cli import ArgumentParser
 
 
 def make_code_files(folder: Path, n: int, num_codebooks: int, grid: int, sub_vocab: int, num_classes: int) -> Path:
@@ -89,7 +90,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("models and data")
     g.add_argument("--models", nargs="+", default=["GPT-Small", "GPT-B"], choices=list(GPT_models), help="GPT sizes to time")
     g.add_argument("--grid", type=int, default=16, help="code grid side (16 for 256 px MedITok)")

@@ -22,7 +22,6 @@ Rerunning with the same settings skips the build when every file is in place.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import json
@@ -34,6 +33,7 @@ from PIL import Image
 
 from datasets.metadata import read_metadata, write_metadata
 from models.checkpoint import atomic_write_bytes, atomic_write_text
+from scripts.cli import ArgumentParser
 
 CLASSES = ("brain_mri_axial", "brain_mri_sagittal", "brain_mri_coronal", "echocardiography")
 # Volume axis sliced for each brain class (the template's voxel axes are x=R, y=A, z=S).
@@ -213,7 +213,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build the 4-class demo dataset of real medical images.")
+    parser = ArgumentParser(description="Build the 4-class demo dataset of real medical images.")
     parser.add_argument("--out", required=True, help="output folder (images/, metadata.csv, demo_info.json)")
     parser.add_argument("--image_size", type=int, default=128, help="side of the saved square PNGs in pixels")
     parser.add_argument("--val_fraction", type=float, default=0.15, help="fraction of each class held out as val")

@@ -12,7 +12,6 @@ Identifiers are written relative to the metadata file's folder when they lie und
 """
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import os
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from datasets.metadata import metadata_format, write_metadata
 from datasets.readers import FORMATS, ReadError, load_raw, parse_axis, parse_window, volume_shape
 from models.checkpoint import atomic_write_bytes
+from scripts.cli import ArgumentParser
 
 SPLITS = ("train", "val", "test")
 
@@ -254,7 +254,7 @@ def main(args) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Write metadata (one row per 2-D image) for batch_infer.py.")
+    parser = ArgumentParser(description="Write metadata (one row per 2-D image) for batch_infer.py.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("medmnist", help="MedMNIST / MedMNIST+ .npz files -> PNG (or .npy volumes) + metadata")

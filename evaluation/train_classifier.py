@@ -13,7 +13,6 @@ Writes OUT (self-describing checkpoint; load with evaluation.features.load_class
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -26,6 +25,7 @@ from tqdm import tqdm
 from datasets.metadata import filter_split, read_metadata
 from evaluation.features import build_classifier, class_names_of, classifier_kwargs, load_images, save_classifier
 from models.checkpoint import atomic_write_text
+from scripts.cli import ArgumentParser
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
@@ -130,7 +130,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Train the evaluation classifier on real training images.")
+    parser = ArgumentParser(description="Train the evaluation classifier on real training images.")
     data = parser.add_argument_group("data")
     data.add_argument("--meta", required=True, help="metadata file (csv/jsonl/json) with label and split columns")
     data.add_argument("--dataset_dir", default=None, help="folder that relative identifiers resolve against")

@@ -13,7 +13,6 @@ report.md says the same in a few lines. Metrics that were not produced are repor
 """
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
@@ -24,6 +23,7 @@ from PIL import Image
 
 from datasets.metadata import filter_split, parse_label, read_metadata, resolve_path
 from models.checkpoint import atomic_write_bytes, atomic_write_text
+from scripts.cli import ArgumentParser
 
 # report.json key -> (which evaluation JSON, path of keys in it).
 METRICS = {
@@ -231,7 +231,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Assemble the quickstart's grid.png, report.json and report.md.")
+    parser = ArgumentParser(description="Assemble the quickstart's grid.png, report.json and report.md.")
     parser.add_argument("--out", required=True, help="folder for grid.png, report.json, report.md")
     parser.add_argument("--meta_path", required=True, help="metadata of the real images (labels, label_name, split)")
     parser.add_argument("--samples", default=None, help="samples .npz of sample_c2i, or a folder searched for the newest .npz")

@@ -41,6 +41,7 @@ from models.checkpoint import load_checkpoint, load_state_dict_strict, state_dic
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from models.meditok import MEDITOK_CONFIGS, MedITok, build_meditok, save_meditok
+from scripts.cli import ArgumentParser
 
 CKPT_PREFIX = "step_"
 
@@ -526,7 +527,7 @@ def main(args):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train or fine-tune a MedITok tokenizer (stage 1: reconstruction).",
+    p = ArgumentParser(description="Train or fine-tune a MedITok tokenizer (stage 1: reconstruction).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data = p.add_argument_group("data")
     data.add_argument("--train-data", required=True, help="metadata file (.csv/.jsonl/.json) of training images")

@@ -18,7 +18,6 @@ Writes OUT/generation_metrics.{json,md}, OUT/generation_per_class.png and OUT/ne
 """
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from evaluation.features import (
     to_uint8,
     write_report,
 )
+from scripts.cli import ArgumentParser
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -259,7 +259,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="FID / KID / precision-recall, class fidelity and memorisation "
+    parser = ArgumentParser(description="FID / KID / precision-recall, class fidelity and memorisation "
                                                  "of generated samples against real metadata.")
     data = parser.add_argument_group("data")
     data.add_argument("--real_meta", required=True, help="metadata of the real images (label, split columns)")

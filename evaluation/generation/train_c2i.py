@@ -34,6 +34,7 @@ from datasets.metadata import read_metadata
 from models.checkpoint import atomic_save, extract_state_dict, load_checkpoint, load_state_dict_strict, state_dict_to_cpu
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.gpt import GPT_models
+from scripts.cli import ArgumentParser
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -436,7 +437,7 @@ def main(args):
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("data")
     g.add_argument("--code-dir", type=str, required=True,
                    help="code metadata file (csv/jsonl/json with code_identifier, label, split) written by batch_infer.py, "

@@ -12,7 +12,6 @@ with the lowest PSNR: original, reconstruction, absolute error).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from evaluation.features import (
     to_uint8,
     write_report,
 )
+from scripts.cli import ArgumentParser
 
 MIN_CLASS_RFID = 10  # fewer images per class give a Frechet distance that is mostly small-sample noise
 
@@ -186,7 +186,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="PSNR / SSIM / rFID of a MedITok tokenizer over a metadata file.")
+    parser = ArgumentParser(description="PSNR / SSIM / rFID of a MedITok tokenizer over a metadata file.")
     parser.add_argument("--meta", required=True, help="metadata file (csv/jsonl/json)")
     parser.add_argument("--tokenizer_ckpt", required=True, help="MedITok checkpoint (ours or the released state dict)")
     parser.add_argument("--dataset_dir", default=None, help="folder that relative identifiers resolve against")
