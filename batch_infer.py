@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from datasets.image_dataset import ImageDataset
 from datasets.metadata import parse_label, read_metadata, write_metadata
-from datasets.prepare import png_bytes
 from datasets.readers import CT_WINDOWS, FIT_MODES, FORMATS, INTENSITY_MODES, ReadError, parse_axis, parse_index
-from models.checkpoint import atomic_save, atomic_write_bytes, atomic_write_text, load_checkpoint
+from datasets.files import atomic_save, atomic_write_bytes, atomic_write_text, png_bytes
+from models.checkpoint import load_checkpoint
 from models.meditok import build_meditok
 from scripts.cli import ArgumentParser
 

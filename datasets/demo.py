@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.metadata import read_metadata, write_metadata
-from models.checkpoint import atomic_write_bytes, atomic_write_text
+from datasets.files import atomic_write_bytes, atomic_write_text
 from scripts.cli import ArgumentParser
 
 CLASSES = ("brain_mri_axial", "brain_mri_sagittal", "brain_mri_coronal", "echocardiography")

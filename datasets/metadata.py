@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from models.checkpoint import atomic_write_text
+from datasets.files import atomic_write_text
 
 FORMATS = (".csv", ".jsonl", ".json")
 REQUIRED = ("identifier",)

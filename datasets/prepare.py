@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from datasets.metadata import metadata_format, write_metadata
 from datasets.readers import FORMATS, ReadError, load_raw, parse_axis, parse_window, volume_shape
-from models.checkpoint import atomic_write_bytes
+from datasets.files import atomic_write_bytes, png_bytes
 from scripts.cli import ArgumentParser
 
 SPLITS = ("train", "val", "test")
@@ -36,14 +36,6 @@ def relative_identifier(path: Path, meta_path: Path) -> str:
         return path.relative_to(base).as_posix()
     except ValueError:
         return path.as_posix()
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def contiguous_splits(n: int, val_fraction: float, test_fraction: float) -> list[str]:

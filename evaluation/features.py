@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from datasets.files import to_uint8  # noqa: F401  (re-exported for the evaluators)
 from datasets.image_dataset import ImageDataset
 from datasets.metadata import parse_label
 from models.checkpoint import (
@@ -78,12 +79,6 @@ def load_images(rows: Sequence[dict], meta_path=None, dataset_dir=None, image_si
         images.append(batch["image"])
         labels.append(batch["label"])
     return torch.cat(images), torch.cat(labels)
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, C, H, W] in [-1, 1] -> uint8 [B, H, W, C] (for saving / plotting)."""
-    x = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
 
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:

@@ -1,19 +1,18 @@
 """The one place for checkpoint I/O: safe loading, unwrapping, strict loading, atomic saving.
 
 Everything that reads weights goes through `load_checkpoint` (weights_only=True, or safetensors),
-everything that writes goes through `atomic_save` (temporary file + fsync + rename), so a run killed
-at any moment leaves either the old file or the new one, never half of one.
+everything that writes goes through `datasets.files.atomic_save` (re-exported here).
 """
 from __future__ import annotations
 
-import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
+
+from datasets.files import atomic_save, atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 
 # Keys under which training frameworks commonly wrap a state dict, in the order we look for them.
 WRAPPER_KEYS = ("model", "state_dict", "module", "ema")
@@ -21,43 +20,6 @@ WRAPPER_KEYS = ("model", "state_dict", "module", "ema")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be read or does not fit the model; the message says which keys/file."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving
-# ----------------------------------------------------------------------------------------------
-def _atomic_write(path: str | os.PathLike, write_fn) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file lives in the destination folder so that os.replace is a same-filesystem rename.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save `obj` to `path` atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,10 +107,3 @@ def load_state_dict_strict(
 def state_dict_to_cpu(module: nn.Module) -> dict[str, torch.Tensor]:
     """A detached CPU copy of a module's state dict (for saving while training goes on)."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
-
-
-def bytes_of(obj: Any) -> bytes:
-    """torch.save into memory (used to hash or compare checkpoints in tests)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from datasets.metadata import filter_split, parse_label, read_metadata, resolve_path
-from models.checkpoint import atomic_write_bytes, atomic_write_text
+from datasets.files import atomic_write_text, write_png
 from scripts.cli import ArgumentParser
 
 # report.json key -> (which evaluation JSON, path of keys in it).
@@ -144,12 +144,6 @@ def make_grid(real: dict[int, list[np.ndarray]], samples: np.ndarray, labels: np
     return grid
 
 
-def save_png(image: np.ndarray, path: Path) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    atomic_write_bytes(buf.getvalue(), path)
-
-
 # ----------------------------------------------------------------------------------------------
 # The report
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +211,7 @@ def main(args):
         samples, labels = load_samples(samples_path)
         real = real_examples(meta_path, args.real_split, args.per_class)
         tile = args.tile or samples.shape[1]
-        save_png(make_grid(real, samples, labels, args.per_class, tile, args.pad), out / "grid.png")
+        write_png(make_grid(real, samples, labels, args.per_class, tile, args.pad), out / "grid.png")
         report["sources"]["samples"] = str(samples_path)
         report["num_samples"] = int(len(samples))
         print(f"[report] wrote {out / 'grid.png'} ({len(names)} classes x {args.per_class} real + {args.per_class} generated)")

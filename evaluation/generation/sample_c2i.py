@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 from datasets.code_dataset import find_code_metadata, load_codes
 from datasets.metadata import parse_label, read_metadata, write_metadata
-from models.checkpoint import atomic_write_bytes, load_checkpoint
+from datasets.files import atomic_write_bytes, to_uint8, write_png
+from models.checkpoint import load_checkpoint
 from models.distributed import barrier, is_dist, setup_distributed
 from models.generate import CFG_SCHEDULES, generate
 from models.gpt import GPT_SIZES, GPT_models, load_gpt
 from models.meditok import build_meditok
+from scripts.cli import ArgumentParser
 
 # The released sampler's class names for its six-modality MedMNIST task.
 MODALITY_NAMES = ("microscopy", "ultrasound", "x-ray", "dermoscopy", "histopathology", "fundus-photography")
@@ -84,17 +86,6 @@ def run_name(args, gpt_path: str, vq_path: str, image_size: int, weights: str) -
     interval = f"-interval{args.cfg_interval:g}" if args.cfg_interval >= 0 else ""
     return (f"{ckpt}-{weights}-{stem(vq_path)}-size{image_size}-cfg{args.cfg_scale:g}-{args.cfg_schedule}{interval}"
             f"-topk{args.top_k}-topp{args.top_p:g}-temp{args.temperature:g}-seed{args.global_seed}")
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_png(array: np.ndarray, path: Path) -> None:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    atomic_write_bytes(buf.getvalue(), path)
 
 
 @torch.no_grad()
@@ -193,7 +184,7 @@ def main(args):
                          prepack=False if args.no_prepack else None)  # [B, K, L]
         for i, image in zip(batch, decode(vq, codes, image_size)):
             if i in todo:
-                save_png(image, paths[i])
+                write_png(image, paths[i])
                 generated += 1
     if args.copy_input and rows is not None:
         copy_inputs(args, rows, labels, names, vq, image_size, rank, world_size, device)
@@ -216,7 +207,7 @@ def copy_inputs(args, rows, labels, names, vq, image_size, rank, world_size, dev
         if path.exists():
             continue
         codes = load_codes([rows[i]], args.test_data_path, device=device, progress=False, tokenizer=vq)
-        save_png(decode(vq, codes, image_size)[0], path)
+        write_png(decode(vq, codes, image_size)[0], path)
 
 
 def gather_outputs(args, run_dir: Path, paths, labels, names, rows) -> None:
@@ -236,12 +227,12 @@ def gather_outputs(args, run_dir: Path, paths, labels, names, rows) -> None:
         out_rows.append(row)
     write_metadata(out_rows, run_dir / "samples.jsonl")
     grid = make_grid(images, labels, args.grid_columns)
-    save_png(grid, run_dir / "grid.png")
+    write_png(grid, run_dir / "grid.png")
     print(f"wrote {len(images)} samples to {run_dir} (samples.npz, samples.jsonl, grid.png)", flush=True)
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("models")
     g.add_argument("--gpt-ckpt", type=str, required=True, help="GPT checkpoint: ours (config inside) or the released GPT-B")
     g.add_argument("--gpt-model", type=str, choices=list(GPT_models), default=None,
