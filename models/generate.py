@@ -1,4 +1,4 @@
-"""Sampling from the class-to-image GPT with KV caches and classifier-free guidance.
+"""Sampling from the GPT (class- or text-conditioned) with KV caches and classifier-free guidance.
 
 Structure (as gpt-fast): `generate` allocates the caches once per call with fixed shapes, `prefill`
 runs the condition positions, `decode_one_token` runs one image position (main stack step + the K
@@ -11,6 +11,10 @@ class; at every head step `logits = uncond + (cond - uncond) * scale`; the index
 logits is fed to both halves; after position `cfg_interval + 1` (when cfg_interval >= 0) the cond
 logits are used alone. `generate_naive` is the same sampler without any cache (the whole prefix is
 recomputed for every position and every codebook): a reference for tests and the speed baseline.
+
+Text-to-image models (model_type "t2i") take caption features [B, T, caption_dim] (or word ids [B, T]
+for a model with its own text encoder) and a padding mask [B, T] instead of labels; the null caption
+replaces the caption in the unconditional half and keeps its mask (as LlamaGen).
 """
 from __future__ import annotations
 
@@ -119,10 +123,10 @@ def decode_head(model, h, scale: Optional[float], doubled: bool, sampler: Callab
     return torch.stack(codes, dim=1)
 
 
-def prefill(model, cond_combined, scale: Optional[float], doubled: bool, sampler: Callable):
-    """Condition positions 0..T-1 -> codes of image position 0 [B, K]."""
+def prefill(model, x, scale: Optional[float], doubled: bool, sampler: Callable):
+    """Condition embeddings x [B2, T, dim] (Transformer.embed_condition) at positions 0..T-1
+    -> codes of image position 0 [B, K]."""
     T = model.cls_token_num
-    x = model.cls_embedding(cond_combined, train=False).expand(-1, T, -1)  # [B2, T, dim]
     h = model.step(x, model.seq_pos[:T], kv_len=T)
     return decode_head(model, h, scale, doubled, sampler)
 
@@ -155,6 +159,8 @@ def decode_n_tokens(model, codes, first_slot: int, scales, doubled: bool, sample
 
 
 def _shrink_caches(model, batch_size: int) -> None:
+    if model.causal_mask.ndim == 4:  # per-row caption masks
+        model.causal_mask = model.causal_mask[:batch_size]
     for layer in list(model.layers) + list(model.output.layers):
         cache = layer.attention.kv_cache
         cache.k_cache, cache.v_cache = cache.k_cache[:batch_size], cache.v_cache[:batch_size]
@@ -207,20 +213,36 @@ def prepacked_linears(model, enabled: bool = True):
             setattr(parent, name, child)
 
 
-def _check_args(model, cond: torch.Tensor, max_new_tokens: int) -> None:
-    if cond.ndim != 1:
-        raise ValueError(f"cond must be a 1-D tensor of class labels, got shape {tuple(cond.shape)}")
+def _check_args(model, cond: torch.Tensor, max_new_tokens: int, cond_mask: Optional[torch.Tensor] = None) -> None:
+    if model.config.model_type == "c2i":
+        if cond.ndim != 1:
+            raise ValueError(f"cond must be a 1-D tensor of class labels, got shape {tuple(cond.shape)}")
+        if cond_mask is not None:
+            raise ValueError("cond_mask is for text-to-image models; this one is class-conditional")
+    else:
+        T = model.cls_token_num
+        want = "word ids [B, T]" if model.text_encoder is not None else "caption features [B, T, caption_dim]"
+        if cond.ndim != (2 if model.text_encoder is not None else 3) or cond.shape[1] != T:
+            raise ValueError(f"cond must be {want} with T = cls_token_num = {T}, got shape {tuple(cond.shape)}")
+        if cond_mask is not None and tuple(cond_mask.shape) != tuple(cond.shape[:2]):
+            raise ValueError(f"cond_mask {tuple(cond_mask.shape)} must be [B, T] = {tuple(cond.shape[:2])}")
     if not 1 <= max_new_tokens <= model.block_size:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be in [1, block_size={model.block_size}]")
 
 
-def _with_null_class(model, cond: torch.Tensor, cfg_scale: float) -> tuple[bool, torch.Tensor]:
-    """(guided?, labels on the model's device [B] or, with guidance, [cond; null class] [2B])."""
+def _with_null_condition(model, cond: torch.Tensor, cfg_scale: float, cond_mask: Optional[torch.Tensor] = None):
+    """(guided?, cond [B2, ...], cond_mask [B2, T] or None, drop [B2] bool or None) on the model's device:
+    with guidance the batch is doubled and the second half is marked for the null class / caption."""
     doubled = cfg_scale > 1.0
     if doubled and model.config.class_dropout_prob <= 0:
         raise ValueError("guidance needs the null class: this model was built with class_dropout_prob = 0")
-    cond = cond.to(model.norm.weight.device)
-    return doubled, torch.cat([cond, torch.full_like(cond, model.num_classes)]) if doubled else cond
+    device = model.norm.weight.device
+    cond = cond.to(device)
+    cond_mask = None if cond_mask is None else cond_mask.to(device).bool()
+    if not doubled:
+        return False, cond, cond_mask, None
+    drop = torch.arange(2 * cond.shape[0], device=device) >= cond.shape[0]
+    return True, torch.cat([cond, cond]), None if cond_mask is None else torch.cat([cond_mask, cond_mask]), drop
 
 
 def generate(
@@ -237,28 +259,31 @@ def generate(
     generator: Optional[torch.Generator] = None,
     compile: bool = False,
     prepack: Optional[bool] = None,
+    cond_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Class labels cond [B] -> codes [B, K, max_new_tokens] (long), in raster order.
+    """Class labels cond [B] -> codes [B, K, max_new_tokens] (long), in raster order. Text-to-image
+    models: cond = caption features [B, T, caption_dim] (word ids [B, T] with a built-in text encoder)
+    and cond_mask [B, T] (True at real caption positions; None: all real).
 
     cfg_scale > 1 enables guidance (batch doubled with the null class). sample_logits=False is greedy.
     Pass a torch.Generator (on the model's device) for reproducible samples. compile=True wraps the
     per-position step in torch.compile (worth it on a GPU; the first call pays the compile time).
     prepack: reorder the linear weights once per call for oneDNN (`PackedLinear`); None = whenever
     `can_prepack(model)` and not compiling (float32 on the CPU)."""
-    _check_args(model, cond, max_new_tokens)
+    _check_args(model, cond, max_new_tokens, cond_mask)
     if prepack is None:
         prepack = can_prepack(model) and not compile
     elif prepack and not can_prepack(model):
         raise ValueError("prepack=True needs a float32 model on the CPU and a torch build with oneDNN")
     with torch.inference_mode(), prepacked_linears(model, prepack):
         codes = _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k,
-                          top_p, sample_logits, generator, compile)
+                          top_p, sample_logits, generator, compile, cond_mask)
     return codes.clone()  # a normal tensor (inference tensors cannot enter autograd later)
 
 
 def _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k, top_p,
-              sample_logits, generator, compile) -> torch.Tensor:
-    doubled, cond_combined = _with_null_class(model, cond, cfg_scale)
+              sample_logits, generator, compile, cond_mask=None) -> torch.Tensor:
+    doubled, cond_combined, mask_combined, drop = _with_null_condition(model, cond, cfg_scale, cond_mask)
     B, K, T, device = cond.shape[0], model.num_codebooks, model.cls_token_num, cond_combined.device
     scales = guidance_scales(cfg_scale, max_new_tokens, cfg_interval, cfg_schedule)
 
@@ -268,11 +293,12 @@ def _generate(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule
     was_training = model.training
     model.eval()
     seq_len = T + max_new_tokens - 1  # the last position's codes are never fed back
-    model.setup_caches(cond_combined.shape[0], seq_len)
+    model.setup_caches(cond_combined.shape[0], seq_len, cond_mask=mask_combined)
     step_fn = torch.compile(decode_one_token, dynamic=False) if compile else decode_one_token
     try:
         out = torch.empty(B, K, max_new_tokens, dtype=torch.long, device=device)
-        out[:, :, 0] = codes = prefill(model, cond_combined, scales[0], doubled, sampler)
+        x = model.embed_condition(cond_combined, mask_combined, drop)  # [B2, T, dim]
+        out[:, :, 0] = codes = prefill(model, x, scales[0], doubled, sampler)
         decode_n_tokens(model, codes, T, scales, doubled, sampler, step_fn=step_fn, out=out, fixed_shapes=compile)
     finally:
         model.clear_caches()
@@ -298,19 +324,20 @@ def generate_naive(
     top_p: float = 1.0,
     sample_logits: bool = True,
     generator: Optional[torch.Generator] = None,
+    cond_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Same contract as `generate`, without caches: for every position the main stack reruns the whole
     prefix, and for every codebook the head reruns its whole short sequence. Slow by design."""
-    _check_args(model, cond, max_new_tokens)
+    _check_args(model, cond, max_new_tokens, cond_mask)
     with torch.inference_mode():
         codes = _generate_naive(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature,
-                                top_k, top_p, sample_logits, generator)
+                                top_k, top_p, sample_logits, generator, cond_mask)
     return codes.clone()
 
 
 def _generate_naive(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_schedule, temperature, top_k, top_p,
-                    sample_logits, generator) -> torch.Tensor:
-    doubled, cond_combined = _with_null_class(model, cond, cfg_scale)
+                    sample_logits, generator, cond_mask=None) -> torch.Tensor:
+    doubled, cond_combined, mask_combined, drop = _with_null_condition(model, cond, cfg_scale, cond_mask)
     B, K, device = cond.shape[0], model.num_codebooks, cond_combined.device
     scales = guidance_scales(cfg_scale, max_new_tokens, cfg_interval, cfg_schedule)
     was_training = model.training
@@ -318,7 +345,7 @@ def _generate_naive(model, cond, max_new_tokens, cfg_scale, cfg_interval, cfg_sc
     out = torch.zeros(cond_combined.shape[0], K, max_new_tokens, dtype=torch.long, device=device)
     try:
         for t in range(max_new_tokens):
-            h = model.hidden(out[:, :, :t], cond_combined)[:, -1:]  # [B2, 1, dim]
+            h = model.hidden(out[:, :, :t], cond_combined, mask_combined, drop)[:, -1:]  # [B2, 1, dim]
             for k in range(K):
                 logits = model.output(h, out[:, :, t : t + 1])[:, 0, k]  # [B2, V]; codes >= k are not read
                 idx = _sample(_guide(logits, scales[t], doubled), temperature, top_k, top_p, sample_logits, generator)

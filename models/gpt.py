@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from models.text_encoder import WordTextEncoder
 
 
 def find_multiple(n: int, k: int) -> int:
@@ -57,9 +58,11 @@ class ModelArgs:
 
     num_codebooks: int = 8
     num_classes: int = 1000
-    caption_dim: int = 2048  # kept for config compatibility; only model_type "c2i" is implemented
-    class_dropout_prob: float = 0.1  # > 0 adds the null class (row num_classes) used by guidance
-    model_type: str = "c2i"
+    caption_dim: int = 2048  # t2i: width of the caption features (T5-XL: 2048)
+    class_dropout_prob: float = 0.1  # > 0 adds the null class / null caption used by guidance
+    model_type: str = "c2i"  # "c2i": class label; "t2i": caption features [cls_token_num, caption_dim]
+    text_vocab_size: int = 0  # t2i: > 0 builds the word-level text encoder trained with the GPT (models/text_encoder.py)
+    text_layers: int = 2  # blocks of that text encoder
 
     vocab_size: int = 16384  # total over codebooks: each codebook has vocab_size // num_codebooks entries
     cls_token_num: int = 1  # condition positions before the image tokens
@@ -68,8 +71,10 @@ class ModelArgs:
     max_seq_len: int = 2048  # kept for config compatibility
 
     def __post_init__(self):
-        if self.model_type != "c2i":
-            raise NotImplementedError(f"model_type={self.model_type!r}: only class-to-image ('c2i') is implemented")
+        if self.model_type not in ("c2i", "t2i"):
+            raise ValueError(f"model_type={self.model_type!r}: choose 'c2i' (class label) or 't2i' (caption)")
+        if self.text_vocab_size and self.model_type != "t2i":
+            raise ValueError(f"text_vocab_size={self.text_vocab_size} needs model_type='t2i'")
         if self.dim % self.n_head:
             raise ValueError(f"dim={self.dim} is not divisible by n_head={self.n_head}")
         if self.head_dim % 4:
@@ -207,7 +212,8 @@ class Attention(nn.Module):
 
     def forward(self, x, freqs_cis=None, input_pos=None, mask=None, kv_len=None):
         # x [B, S, dim]; freqs_cis [S, head_dim // 2, 2] or None (the head has no rotary);
-        # with a cache: input_pos [S] cache slots to write, mask [S, S_max] (True = attend), and
+        # with a cache: input_pos [S] cache slots to write, mask [S, S_max] or per row [B, 1, S, S_max]
+        # (True = attend; without a cache a given mask is [B, 1, S, S]), and
         # optionally kv_len (int): attend to slots < kv_len only. Eager decoding passes it so that
         # attention reads the filled prefix rather than the whole fixed-size cache (half as many
         # bytes on average); compiled decoding leaves it None to keep shapes fixed.
@@ -223,7 +229,7 @@ class Attention(nn.Module):
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, S_max, head_dim]
             if kv_len is not None:
-                k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[:, :kv_len]
+                k, v, mask = k[:, :, :kv_len], v[:, :, :kv_len], mask[..., :kv_len]
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,
@@ -264,6 +270,58 @@ class LabelEmbedder(nn.Module):
             drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
             labels = torch.where(drop, self.num_classes, labels)
         return self.embedding_table(labels).unsqueeze(1)
+
+
+class MLP(nn.Module):
+    """fc2(gelu_tanh(fc1 x)), bias-free (LlamaGen's caption projection)."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features [B, T, caption_dim] -> [B, T, dim] through `cap_proj`.
+
+    `uncond_embedding` [T, caption_dim] is the null caption used by guidance: in training a caption is
+    replaced by it with probability uncond_prob (its padding mask is kept, as in LlamaGen). Key names
+    follow LlamaGen's CaptionEmbedder; here the null caption is a learned parameter (LlamaGen keeps its
+    random initial value as a buffer; the state-dict key is the same, so both load)."""
+
+    def __init__(self, caption_dim: int, dim: int, uncond_prob: float, token_num: int):
+        super().__init__()
+        self.cap_proj = MLP(caption_dim, dim, dim)
+        self.uncond_embedding = nn.Parameter(torch.randn(token_num, caption_dim) / caption_dim ** 0.5)
+        self.uncond_prob = uncond_prob
+
+    def forward(self, caption: torch.Tensor, train: bool, drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # caption [B, T, caption_dim]; drop [B] bool: rows forced to the null caption (guidance)
+        if caption.shape[1:] != self.uncond_embedding.shape:
+            raise ValueError(f"caption features {tuple(caption.shape)}, the model expects [B, {self.uncond_embedding.shape[0]}, "
+                             f"{self.uncond_embedding.shape[1]}] (cls_token_num, caption_dim)")
+        caption = caption.to(self.uncond_embedding.dtype)
+        if train and self.uncond_prob > 0:
+            random_drop = torch.rand(caption.shape[0], device=caption.device) < self.uncond_prob
+            drop = random_drop if drop is None else drop | random_drop
+        if drop is not None:
+            caption = torch.where(drop[:, None, None], self.uncond_embedding, caption)
+        return self.cap_proj(caption)
+
+
+def condition_mask(cond_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Attention mask [B, 1, S, S] (True = attend) for a sequence whose first T positions are a caption
+    with padding mask cond_mask [B, T]: causal, no query attends to a padded caption position, and each
+    position attends to itself (so padded rows, whose outputs nobody reads, stay finite)."""
+    B, T = cond_mask.shape
+    keys = torch.cat([cond_mask.bool(), cond_mask.new_ones(B, seq_len - T, dtype=torch.bool)], dim=1)  # [B, S]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=cond_mask.device).tril()
+    eye = torch.eye(seq_len, dtype=torch.bool, device=cond_mask.device)
+    return ((causal & keys[:, None, :]) | eye)[:, None]
 
 
 class TokenEmbedder(nn.Module):
@@ -329,7 +387,12 @@ class Transformer(nn.Module):
         self.cls_token_num = config.cls_token_num
         self.block_size = config.block_size
 
-        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        if config.model_type == "t2i":
+            self.cls_embedding = CaptionEmbedder(config.caption_dim, config.dim, config.class_dropout_prob, config.cls_token_num)
+            self.text_encoder = WordTextEncoder(config.text_vocab_size, config.caption_dim, config.cls_token_num,
+                                                config.text_layers, dropout=config.resid_dropout_p) if config.text_vocab_size else None
+        else:
+            self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
         self.tok_embeddings = TokenEmbedder(config.vocab_size, config.dim, config.num_codebooks)
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         dpr = torch.linspace(0, config.drop_path_rate, config.n_layer, device="cpu").tolist()
@@ -357,29 +420,53 @@ class Transformer(nn.Module):
             self.freqs_cis = self.freqs_cis.to(device)
         return self.freqs_cis
 
-    # -- teacher forcing -------------------------------------------------------------------------
-    def hidden(self, idx: torch.Tensor, cond_idx: torch.Tensor) -> torch.Tensor:
-        """Main stack without caches: idx [B, K, L'] codes (L' may be 0), cond_idx [B] labels
-        -> normed hidden states [B, L'+1, dim]; row t predicts image position t."""
+    # -- condition ---------------------------------------------------------------------------------
+    def embed_condition(self, cond: torch.Tensor, cond_mask: Optional[torch.Tensor] = None,
+                        drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The condition positions [B, T, dim]. c2i: cond = labels [B]. t2i: cond = caption features
+        [B, T, caption_dim], or word ids [B, T] when the model has its own text encoder; cond_mask [B, T]
+        marks the real caption positions. drop [B] bool: rows replaced by the null class / caption.
+        In train mode the class or caption is also dropped at random (class_dropout_prob)."""
         T = self.cls_token_num
-        cond = self.cls_embedding(cond_idx, train=self.training).expand(-1, T, -1)  # [B, T, dim]
+        if self.config.model_type == "c2i":
+            if drop is not None:
+                cond = torch.where(drop, self.num_classes, cond)
+            return self.cls_embedding(cond, train=self.training).expand(-1, T, -1)
+        if self.text_encoder is not None:
+            if cond.dtype.is_floating_point:
+                raise ValueError("this t2i model has its own text encoder: cond must be word ids [B, T], not features")
+            cond = self.text_encoder(cond, cond_mask)  # [B, T, caption_dim]
+        elif not cond.dtype.is_floating_point:
+            raise ValueError("this t2i model reads caption features [B, T, caption_dim]; got integer ids")
+        return self.cls_embedding(cond, train=self.training, drop=drop)
+
+    # -- teacher forcing -------------------------------------------------------------------------
+    def hidden(self, idx: torch.Tensor, cond_idx: torch.Tensor, cond_mask: Optional[torch.Tensor] = None,
+               drop: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Main stack without caches: idx [B, K, L'] codes (L' may be 0), cond_idx the condition (see
+        `embed_condition`) -> normed hidden states [B, L'+1, dim]; row t predicts image position t."""
+        T = self.cls_token_num
+        cond = self.embed_condition(cond_idx, cond_mask, drop)  # [B, T, dim]
         x = torch.cat([cond, self.tok_embeddings(idx)], dim=1) if idx.shape[-1] else cond  # [B, T+L', dim]
         x = self.tok_dropout(x)
         S = x.shape[1]
         if S > T + self.block_size - 1:
             raise ValueError(f"{idx.shape[-1]} input positions exceed block_size - 1 = {self.block_size - 1}")
         freqs = self.rope(x.device)[:S]
+        mask = None if cond_mask is None else condition_mask(cond_mask.to(x.device), S)  # None: plain causal
         for layer in self.layers:
-            x = layer(x, freqs)
+            x = layer(x, freqs, mask=mask)
         return self.norm(x)[:, T - 1:]  # [B, L'+1, dim]
 
-    def forward(self, idx: torch.Tensor, cond_idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
-        """idx [B, K, L-1] codes, cond_idx [B] labels, targets [B, K, L] or None
+    def forward(self, idx: torch.Tensor, cond_idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cond_mask: Optional[torch.Tensor] = None):
+        """idx [B, K, L-1] codes, cond_idx [B] labels (c2i) or a caption (t2i, see `embed_condition`),
+        targets [B, K, L] or None, cond_mask [B, T] (t2i: True at real caption positions; None: all real)
         -> (logits [B, K, L, vocab_size // K], mean cross-entropy or None).
 
         Same function in train and eval mode (train mode adds the dropouts and the label dropout).
         Without targets the head is fed its own argmax codes (greedy, uncached): slow, for checks."""
-        h = self.hidden(idx, cond_idx)  # [B, L, dim]
+        h = self.hidden(idx, cond_idx, cond_mask)  # [B, L, dim]
         if targets is None:
             return self._greedy_head_logits(h), None
         if targets.shape[-1] != h.shape[1]:
@@ -398,9 +485,10 @@ class Transformer(nn.Module):
         return logits.permute(0, 2, 1, 3)
 
     # -- caches for generation (see models/generate.py) ------------------------------------------
-    def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None, device=None):
+    def setup_caches(self, batch_size: int, max_seq_len: int, dtype=None, device=None, cond_mask=None):
         """Allocate fixed-shape KV caches once per generate() call: main stack [B, H_kv, max_seq_len, hd],
-        head [B, H_kv, K, hd], plus the boolean causal masks and slot indices used to address them."""
+        head [B, H_kv, K, hd], plus the boolean causal masks and slot indices used to address them.
+        cond_mask [B, T] (t2i captions with padding): the main mask becomes per row [B, 1, S_max, S_max]."""
         ref = self.norm.weight  # (the linears may be swapped for packed copies while sampling)
         dtype, device = dtype or ref.dtype, device or ref.device
         c = self.config
@@ -408,7 +496,10 @@ class Transformer(nn.Module):
             layer.attention.kv_cache = KVCache(batch_size, max_seq_len, c.kv_heads, c.head_dim, dtype, device)
         for layer in self.output.layers:
             layer.attention.kv_cache = KVCache(batch_size, c.num_codebooks, c.kv_heads, c.head_dim, dtype, device)
-        self.causal_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
+        if cond_mask is None:
+            self.causal_mask = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
+        else:
+            self.causal_mask = condition_mask(cond_mask.to(device), max_seq_len)
         self.head_mask = torch.ones(c.num_codebooks, c.num_codebooks, dtype=torch.bool, device=device).tril()
         # Slot indices made once: slicing them per step allocates nothing.
         self.seq_pos = torch.arange(max_seq_len, device=device)
@@ -422,7 +513,7 @@ class Transformer(nn.Module):
     def step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
         """Cached main stack: x [B, S, dim] embeddings at sequence slots input_pos [S]
         -> normed hidden state of the last slot [B, dim]. kv_len: see Attention.forward."""
-        mask = self.causal_mask[input_pos]  # [S, S_max]
+        mask = self.causal_mask[..., input_pos, :]  # [S, S_max] or per row [B, 1, S, S_max]
         freqs = self.rope(x.device)[input_pos]
         for layer in self.layers:
             x = layer(x, freqs, input_pos, mask, kv_len)
@@ -478,8 +569,12 @@ def infer_config(sd: dict, **overrides) -> dict:
     From shapes: dim, n_layer, n_output_layer, num_codebooks, vocab_size, num_classes (the label table
     is assumed to carry the null row), n_kv_head, the SwiGLU width. n_head comes from the registry
     size with the same dim unless given; cls_token_num and block_size keep their defaults
-    (1 and 256) unless given."""
-    need = ["tok_embeddings.codebooks.0.weight", "cls_embedding.embedding_table.weight", "layers.0.attention.wqkv.weight"]
+    (1 and 256) unless given. A caption projection (`cls_embedding.cap_proj`) makes it a t2i model:
+    caption_dim and cls_token_num come from the null caption [T, caption_dim], and a word-level text
+    encoder (`text_encoder.*`) gives text_vocab_size and text_layers."""
+    t2i = "cls_embedding.cap_proj.fc1.weight" in sd
+    cond_keys = ["cls_embedding.cap_proj.fc1.weight", "cls_embedding.uncond_embedding"] if t2i else ["cls_embedding.embedding_table.weight"]
+    need = ["tok_embeddings.codebooks.0.weight", "layers.0.attention.wqkv.weight"] + cond_keys
     missing = [k for k in need if k not in sd]
     if missing:
         raise CheckpointError(f"cannot infer a GPT config: state dict lacks {missing}")
@@ -491,11 +586,18 @@ def infer_config(sd: dict, **overrides) -> dict:
         n_output_layer=_count(sd, "output.layers.", ".attention.wqkv.weight"),
         num_codebooks=K,
         vocab_size=sub_vocab * K,
-        num_classes=sd["cls_embedding.embedding_table.weight"].shape[0] - 1,
         class_dropout_prob=0.1,
         cls_token_num=1,
         block_size=256,
     )
+    if t2i:
+        cfg["cls_token_num"], cfg["caption_dim"] = sd["cls_embedding.uncond_embedding"].shape
+        cfg["model_type"] = "t2i"
+        if "text_encoder.word_embeddings.weight" in sd:
+            cfg["text_vocab_size"] = sd["text_encoder.word_embeddings.weight"].shape[0]
+            cfg["text_layers"] = _count(sd, "text_encoder.blocks.", ".qkv.weight")
+    else:
+        cfg["num_classes"] = sd["cls_embedding.embedding_table.weight"].shape[0] - 1
     if "n_head" not in overrides:
         by_dim = {s["dim"]: s["n_head"] for s in GPT_SIZES.values()}
         if dim not in by_dim:

@@ -175,8 +175,8 @@ def test_config_validation_errors():
         tiny_args(block_size=12)
     with pytest.raises(ValueError, match="num_codebooks"):
         tiny_args(vocab_size=130)
-    with pytest.raises(NotImplementedError, match="c2i"):
-        tiny_args(model_type="t2i")
+    with pytest.raises(ValueError, match="t2i"):
+        tiny_args(model_type="i2i")
     model = Transformer(tiny_args())
     codes, labels = random_batch(model.config)
     with pytest.raises(ValueError, match="codebooks"):
