@@ -7,7 +7,10 @@ Each item is a dict:
     ok      bool; False when reading failed and `on_error='report'` (then `image` is zeros)
     error   str, '' or the reason (names the file / metadata line)
 
-A row's optional `window` column (preset or 'level,width') overrides the dataset's window.
+A row's optional `window` column (preset, 'level,width', or the file's own 'file' / 'file:N' /
+'file:NAME') overrides the dataset's window. An `identifier` may be a folder holding one DICOM series
+or a DICOMDIR; the row's `series_uid` (or `SeriesInstanceUID`) column picks a series where several are.
+`max_pixels` caps the pixels decoded per row (checked from the header before decoding; None/0: none).
 
 Hooks for training-time augmentation:
     read_options(row, index) -> dict   per-item overrides of the reading options (e.g. a random CT
@@ -24,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.metadata import filter_split, parse_label, read_metadata, resolve_path, row_where
-from datasets.readers import FIT_MODES, ReadError, read_image_tensor
+from datasets.readers import DEFAULT_MAX_PIXELS, FIT_MODES, ReadError, read_image_tensor
 
 ON_ERROR = ("raise", "report")
 
@@ -51,6 +54,7 @@ class ImageDataset(Dataset):
         num_classes: int | None = None,
         split: str | Sequence[str] | None = None,
         on_error: str = "raise",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         if isinstance(rows, (str, os.PathLike)):  # a metadata file path
             meta_path = rows if meta_path is None else meta_path
@@ -67,7 +71,8 @@ class ImageDataset(Dataset):
         self.value_range = (float(value_range[0]), float(value_range[1]))
         self.transform = transform
         self.read_options = read_options
-        self.options = dict(window=window, intensity=intensity, percentiles=tuple(percentiles), fit=fit)
+        self.options = dict(window=window, intensity=intensity, percentiles=tuple(percentiles), fit=fit,
+                            max_pixels=max_pixels)
         self.num_classes = num_classes
         self.on_error = on_error
 
@@ -88,9 +93,10 @@ class ImageDataset(Dataset):
             options["window"] = row["window"]
         if self.read_options is not None:
             options.update(self.read_options(row, index))
+        series_uid = row.get("series_uid") or row.get("SeriesInstanceUID")
         image = read_image_tensor(
             self.path_of(index), row.get("slice_index"), row.get("slice_axis"),
-            channels=self.channels, image_size=self.image_size, **options,
+            channels=self.channels, image_size=self.image_size, series_uid=series_uid, **options,
         )
         if self.transform is not None:
             image = self.transform(image)
