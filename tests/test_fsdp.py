@@ -1,0 +1,200 @@
+"""FSDP2 / HSDP, activation checkpointing and sharded (DCP) checkpoints (models/parallel.py).
+
+GPT-Tiny with every dropout at 0, so runs that see the same global batches must end with the same
+weights whatever the number of processes and the data-parallel mode. Multi-process tests use gloo
+on 2 CPU processes; the reference is always one plain process (no wrapper, no sharding).
+"""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.gpt import GPT_models, TransformerBlock, load_gpt
+from models.parallel import (
+    PARTIAL,
+    clip_grad_norm,
+    device_mesh,
+    find_blocks,
+    full_state_dict,
+    load_sharded,
+    save_sharded,
+    sharded_checkpoints,
+    wrap_model,
+)
+from models.training import update_ema
+
+REPO = Path(__file__).resolve().parents[1]
+K, GRID, SUB, CLASSES, BATCH = 4, 4, 16, 3, 8
+BLOCKS = (TransformerBlock,)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def tiny_gpt(**kw):
+    torch.manual_seed(0)
+    return GPT_models["GPT-Tiny"](vocab_size=K * SUB, num_codebooks=K, block_size=GRID * GRID, num_classes=CLASSES,
+                                  resid_dropout_p=0.0, ffn_dropout_p=0.0, token_dropout_p=0.0,
+                                  class_dropout_prob=0.0, **kw)
+
+
+def global_batch(step):
+    """The global batch of optimizer step `step`: codes [BATCH, K, L], labels [BATCH]."""
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, SUB, (BATCH, K, GRID * GRID), generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+
+
+def optimizer_for(model):
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+
+
+def train_steps(model, train_model, optimizer, ema, steps, rank=0, world_size=1):
+    """Each rank takes its contiguous share of the global batch (as StepBatchSampler does)."""
+    share = BATCH // world_size
+    for step in steps:
+        x, y = global_batch(step)
+        x, y = x[rank * share:][:share], y[rank * share:][:share]
+        _, loss = train_model(x[:, :, :-1], y, targets=x)
+        loss.backward()
+        clip_grad_norm(model.parameters(), 0.5)  # small, so clipping is active and its norm must be global
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, 0.5)
+
+
+def assert_close(a, b, atol, what=""):
+    assert a.keys() == b.keys(), f"{what}: keys differ"
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"{what}: differs by {worst}"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# One process
+# ----------------------------------------------------------------------------------------------
+def test_blocks_and_activation_checkpointing_keep_gradients_and_keys():
+    model = tiny_gpt()
+    assert len(find_blocks(model, BLOCKS)) == model.config.n_layer + model.config.n_output_layer
+    x, y = global_batch(0)
+
+    def grads(m):
+        m.zero_grad()
+        m(x[:, :, :-1], y, targets=x)[1].backward()
+        return {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone() for n, p in m.named_parameters()}
+
+    plain = grads(model)
+    keys = list(model.state_dict())
+    ckpt = tiny_gpt()
+    wrap_model(ckpt, "ddp", torch.device("cpu"), BLOCKS, grad_checkpointing=True)
+    assert "layers.0._checkpoint_wrapped_module.attention.wqkv.weight" in dict(ckpt.named_parameters())
+    assert list(ckpt.state_dict()) == keys  # checkpoints keep the plain model's names
+    assert_close(plain, grads(ckpt), 1e-6, "gradients with activation checkpointing")
+
+
+def test_killed_save_is_not_a_checkpoint_and_loads_are_strict(tmp_path, monkeypatch):
+    model, ema = tiny_gpt(), tiny_gpt()
+    opt = optimizer_for(model)
+    train_steps(model, model, opt, ema, [0])
+    save_sharded(tmp_path / "0000001", model, opt, ema, {"steps": 1})
+    assert [s for s, _ in sharded_checkpoints(tmp_path)] == [1]
+
+    # A save killed before its last file: only a .partial folder, which is neither listed nor loadable.
+    import models.parallel as parallel
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(parallel, "atomic_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_sharded(tmp_path / "0000002", model, opt, ema, {"steps": 2})
+    assert (tmp_path / f"0000002{PARTIAL}" / ".metadata").is_file()
+    assert [s for s, _ in sharded_checkpoints(tmp_path)] == [1]
+    with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
+        load_sharded(tmp_path / f"0000002{PARTIAL}", model, opt, ema)
+    monkeypatch.undo()
+    save_sharded(tmp_path / "0000003", model, opt, ema, {"steps": 3})  # the next save removes the debris
+    assert not (tmp_path / f"0000002{PARTIAL}").exists()
+    assert [s for s, _ in sharded_checkpoints(tmp_path)] == [1, 3]
+
+    # Loading checks names both ways and loads exactly.
+    fresh, fresh_ema = tiny_gpt(), tiny_gpt()
+    fresh_opt = optimizer_for(fresh)
+    assert load_sharded(tmp_path / "0000003", fresh, fresh_opt, fresh_ema) == {"steps": 3}
+    assert_close(model.state_dict(), fresh.state_dict(), 0.0, "weights")
+    assert_close(ema.state_dict(), fresh_ema.state_dict(), 0.0, "ema")
+    with pytest.raises(CheckpointError, match=r"missing \(\d+\): model.layers.4"):
+        load_sharded(tmp_path / "0000003", tiny_gpt(n_layer=5), None, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (gloo): FSDP / HSDP equal one process; checkpoints move between 1 and 2 processes
+# ----------------------------------------------------------------------------------------------
+def _two_process_worker(rank, world_size, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    cpu = torch.device("cpu")
+    try:
+        for mode, shard_size in (("fsdp", None), ("hsdp", 1)):  # hsdp: 2 replicas of 1 shard each
+            model, ema = tiny_gpt(), tiny_gpt()
+            train_model = wrap_model(model, mode, cpu, BLOCKS, mesh=device_mesh(mode, cpu, shard_size),
+                                     grad_checkpointing=mode == "fsdp", ema=ema)
+            # Dim 0 split over the shard group: SUB rows of the output layer -> SUB / 2 (fsdp) or SUB (hsdp).
+            assert train_model is model
+            assert model.output.linear_head.weight.to_local().shape[0] == SUB // (2 if mode == "fsdp" else 1)
+            opt = optimizer_for(model)
+            train_steps(model, model, opt, ema, [0, 1], rank, world_size)
+            save_sharded(out / f"{mode}_2", model, opt, ema, {"steps": 2})
+            train_steps(model, model, opt, ema, [2], rank, world_size)
+            weights, ema_weights = full_state_dict(model), full_state_dict(ema)
+            if rank == 0:
+                torch.save({"model": weights, "ema": ema_weights}, out / f"{mode}_final.pt")
+        # 1 -> 2: continue the single process's step-2 checkpoint on 2 processes.
+        model, ema = tiny_gpt(), tiny_gpt()
+        wrap_model(model, "fsdp", cpu, BLOCKS, mesh=device_mesh("fsdp", cpu), ema=ema)
+        opt = optimizer_for(model)
+        assert load_sharded(out / "one_2", model, opt, ema)["steps"] == 2
+        train_steps(model, model, opt, ema, [2], rank, world_size)
+        weights, ema_weights = full_state_dict(model), full_state_dict(ema)
+        if rank == 0:
+            torch.save({"model": weights, "ema": ema_weights}, out / "one_to_two_final.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_hsdp_equal_one_process_and_checkpoints_reshard(tmp_path):
+    # One plain process: 3 steps, a sharded checkpoint after step 2.
+    model, ema = tiny_gpt(), tiny_gpt()
+    opt = optimizer_for(model)
+    train_steps(model, model, opt, ema, [0, 1])
+    save_sharded(tmp_path / "one_2", model, opt, ema, {"steps": 2})
+    train_steps(model, model, opt, ema, [2])
+    ref = {"model": model.state_dict(), "ema": ema.state_dict()}
+
+    mp.spawn(_two_process_worker, args=(2, free_port(), tmp_path), nprocs=2)
+    for name in ("fsdp_final", "hsdp_final", "one_to_two_final"):
+        got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        for key in ("model", "ema"):
+            assert_close(ref[key], got[key], 1e-5, f"{name} {key}")
+
+    # 2 -> 1: the FSDP run's step-2 checkpoint continued by one plain process.
+    model, ema = tiny_gpt(), tiny_gpt()
+    opt = optimizer_for(model)
+    assert load_sharded(tmp_path / "fsdp_2", model, opt, ema)["steps"] == 2
+    train_steps(model, model, opt, ema, [2])
+    assert_close(ref["model"], model.state_dict(), 1e-5, "2 -> 1 weights")
+    assert_close(ref["ema"], ema.state_dict(), 1e-5, "2 -> 1 ema")
