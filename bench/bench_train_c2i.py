@@ -19,6 +19,7 @@ import torch
 from datasets.metadata import write_metadata
 from evaluation.generation import train_c2i
 from models.gpt import GPT_models
+from models.training import autocast_context
 from scripts.cli import ArgumentParser
 
 
@@ -45,7 +46,7 @@ def bare_positions_per_sec(args, name: str, device: torch.device) -> float:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        with train_c2i.autocast_context(targs, device):
+        with autocast_context(device, targs.mixed_precision):
             _, loss = model(x[:, :, :-1], y, targets=x)
         loss.backward()
         model.zero_grad(set_to_none=True)

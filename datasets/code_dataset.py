@@ -10,9 +10,8 @@ Everything is read and checked upfront (same shape in every file, codes inside t
 inside [0, num_classes)), with errors that name the file and row; the codes then live in one in-memory
 tensor, so a training step indexes a tensor instead of opening files.
 
-`StepBatchSampler` gives each rank its share of one global batch per optimizer step, deterministically
-in (seed, epoch), and can start mid-epoch: that is what makes resumed and multi-process runs equal to
-uninterrupted single-process ones.
+The order of training batches (per rank, resumable mid-epoch) is `models.training.StepBatchSampler`,
+shared with the tokenizer trainer.
 """
 from __future__ import annotations
 
@@ -25,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from datasets.manifest import MANIFEST_NAME
 from datasets.metadata import FORMATS, MetadataError, filter_split, parse_label, read_metadata, resolve_path, row_where
 from models.checkpoint import load_checkpoint
 
@@ -33,11 +33,16 @@ class CodeDataError(MetadataError):
     """A code file or row does not fit the others or the model; the message names the row."""
 
 
+# batch_infer's own files beside the metadata it writes: the manifest and the list of failed rows.
+NOT_METADATA = (MANIFEST_NAME, "failures.jsonl")
+
+
 def find_code_metadata(path: str | os.PathLike) -> Path:
     """The metadata file itself, or the single metadata file inside a folder (batch_infer's output_dir)."""
     path = Path(path)
     if path.is_dir():
-        found = sorted(p for p in path.iterdir() if p.suffix.lower() in FORMATS and p.is_file())
+        found = sorted(p for p in path.iterdir()
+                       if p.suffix.lower() in FORMATS and p.is_file() and p.name not in NOT_METADATA)
         if len(found) != 1:
             raise CodeDataError(
                 f"{path} is a folder with {len(found)} metadata files ({[p.name for p in found]}); "
@@ -214,49 +219,3 @@ class CodeDataset(Dataset):
 def collate_batch(batch):
     """collate_fn for DataLoaders over `__getitems__`: the batch is already (codes [B, K, L], labels [B])."""
     return batch
-
-
-class StepBatchSampler:
-    """Per-rank micro-batches for optimizer steps, deterministic in (seed, epoch) and resumable mid-epoch.
-
-    Each epoch shuffles the N indices with a generator seeded by seed + epoch and keeps
-    steps_per_epoch = N // global_batch whole global batches. Global batch s is split in world_size
-    contiguous shares (rank r takes share r), each share in `accum` micro-batches. The union over
-    ranks and micro-batches of step s is the same set of indices whatever world_size and accum are."""
-
-    def __init__(self, num_samples: int, global_batch: int, world_size: int = 1, rank: int = 0,
-                 accum: int = 1, seed: int = 0, shuffle: bool = True):
-        if global_batch % (world_size * accum):
-            raise ValueError(
-                f"global batch {global_batch} is not divisible by world size {world_size} x gradient "
-                f"accumulation steps {accum}"
-            )
-        if num_samples < global_batch:
-            raise ValueError(f"the dataset has {num_samples} training rows, fewer than the global batch of {global_batch}")
-        self.num_samples, self.global_batch = num_samples, global_batch
-        self.world_size, self.rank, self.accum = world_size, rank, accum
-        self.micro = global_batch // (world_size * accum)
-        self.seed, self.shuffle = seed, shuffle
-        self.steps_per_epoch = num_samples // global_batch
-        self.epoch, self.start_step = 0, 0
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        """Iterate epoch `epoch`, skipping its first `start_step` optimizer steps (resume)."""
-        self.epoch, self.start_step = epoch, start_step
-
-    def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(self.num_samples)
-        g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(self.num_samples, generator=g)
-
-    def __iter__(self):
-        perm = self.order(self.epoch)
-        share = self.global_batch // self.world_size
-        for step in range(self.start_step, self.steps_per_epoch):
-            mine = perm[step * self.global_batch + self.rank * share:][:share]
-            for a in range(self.accum):
-                yield mine[a * self.micro:(a + 1) * self.micro].tolist()
-
-    def __len__(self) -> int:
-        return (self.steps_per_epoch - self.start_step) * self.accum

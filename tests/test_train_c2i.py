@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.code_dataset import CodeDataError, CodeDataset, StepBatchSampler
+from datasets.code_dataset import CodeDataError, CodeDataset
+from models.training import StepBatchSampler
 from datasets.metadata import MetadataError, write_metadata
 from evaluation.generation import train_c2i
 from models.checkpoint import load_checkpoint
@@ -239,3 +240,84 @@ def test_latent_files_become_exact_codes(tmp_path):
     write_metadata(rows, tmp_path / "meta.csv")
     ds = CodeDataset(tmp_path / "meta.csv", "train", vq_ckpt=str(tmp_path / "vq.pt"), vocab_size=vq.vocab_size, progress=False)
     assert torch.equal(ds.codes.long(), codes)
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings from the tokenization manifest; checkpoint fallback and pruning
+# ----------------------------------------------------------------------------------------------
+def tokenize_like_batch_infer(folder: Path, tokenizer_path: Path, size=32, n=10) -> Path:
+    """Codes of random images from a saved MedITok-Tiny, metadata, and the manifest batch_infer writes."""
+    from datasets.manifest import build_manifest, write_manifest
+    from models.meditok import build_meditok
+
+    tok = build_meditok(tokenizer_path)
+    images = torch.rand(n, tok.in_chans, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        codes = tok.img_to_idx(images)  # [n, K, L]
+    g = tok.config.grid_size(size)
+    rows = []
+    for i in range(n):
+        torch.save(codes[i].view(-1, g, g).clone(), folder / f"{i}.pt")
+        rows.append({"identifier": f"{i}.png", "code_identifier": f"{i}.pt", "label": i % 2,
+                     "split": "train" if i < n - 2 else "val"})
+    write_metadata(rows, folder / "metadata.jsonl")
+    write_manifest(folder, build_manifest(tok.config, tokenizer_path, image_size=size, infer_type="code"))
+    return folder / "metadata.jsonl"
+
+
+def test_vocabulary_from_the_manifest_and_wrong_tokenizer_refused(tmp_path):
+    from models.meditok import build_meditok, save_meditok
+
+    made, other = tmp_path / "made_codes.pt", tmp_path / "other_tokenizer.pt"
+    for seed, path in ((0, made), (1, other)):
+        torch.manual_seed(seed)
+        save_meditok(build_meditok(model_name="MedITok-Tiny", img_size=32), path)
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    tokenize_like_batch_infer(codes, made)
+    tiny = build_meditok(made)
+    expected_vocab = tiny.codebook_size * tiny.num_codebooks
+    assert expected_vocab != 32768  # the released default would be wrong here
+
+    def run(exp, *extra):
+        argv = ["--code-dir", str(codes), "--results-dir", str(tmp_path / "res"), "--exp-name", exp,
+                "--gpt-model", "GPT-Tiny", "--num-classes", "2", "--global-batch-size", "4", "--max-steps", "1",
+                "--no-compile", "--no-tensorboard", *map(str, extra)]
+        train(argv)
+        return load_checkpoint(tmp_path / "res" / exp / "checkpoints" / "latest.pt")
+
+    # VOCAB_SIZE unset: the vocabulary and codebook count come from the manifest.
+    ckpt = run("from_manifest", "--vq-ckpt", made)
+    assert ckpt["config"]["vocab_size"] == expected_vocab and ckpt["config"]["num_codebooks"] == tiny.num_codebooks
+    # A contradicting --vocab-size is an error naming both values.
+    with pytest.raises(ValueError, match=rf"--vocab-size 32768 contradicts .*tokenizer.json.*vocab_size {expected_vocab}"):
+        run("contradicts", "--vocab-size", 32768)
+    # The wrong tokenizer is refused, naming both weight files; an explicit flag overrides.
+    with pytest.raises(ValueError, match=r"other_tokenizer\.pt.*made_codes\.pt"):
+        run("wrong_vq", "--vq-ckpt", other)
+    with pytest.warns(UserWarning, match="other_tokenizer"):
+        assert run("override", "--vq-ckpt", other, "--allow-tokenizer-mismatch")["steps"] == 1
+    # Codes from a batch_infer without manifests: the vocabulary of --vq-ckpt, else the released default.
+    (codes / "tokenizer.json").unlink()
+    assert run("from_vq", "--vq-ckpt", made)["config"]["vocab_size"] == expected_vocab
+    assert run("released_default")["config"]["vocab_size"] == 32768
+
+
+def test_truncated_newest_checkpoint_falls_back_and_keep_last(tmp_path):
+    meta = make_codes(tmp_path)
+    train(base_args(meta, tmp_path, "straight", "--max-steps", "4", dropout=False))
+    train(base_args(meta, tmp_path, "run", "--max-steps", "3", "--ckpt-every", "1", dropout=False))
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    for name in ("latest.pt", "0000002.pt"):  # the two newest, cut short as by a full disk
+        (ckpt_dir / name).write_bytes((ckpt_dir / name).read_bytes()[:1000])
+    stats = train(base_args(meta, tmp_path, "run", "--max-steps", "4", "--auto-resume", dropout=False))
+    assert stats["steps"] == 4
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "skipping unreadable checkpoint" in log and "latest.pt" in log and "0000002.pt" in log
+    assert "falling back to" in log and "resumed from" in log and "0000001.pt: step 1" in log
+    assert_same_weights(final_weights(tmp_path, "straight"), final_weights(tmp_path, "run"), atol=1e-6)
+
+    # --keep-last 2: only the two newest numbered checkpoints stay, and latest.pt.
+    train(base_args(meta, tmp_path, "pruned", "--max-steps", "5", "--ckpt-every", "1", "--keep-last", "2", dropout=False))
+    names = sorted(p.name for p in (tmp_path / "pruned" / "checkpoints").iterdir())
+    assert names == ["0000003.pt", "0000004.pt", "latest.pt"]

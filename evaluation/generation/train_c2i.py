@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import copy
 import logging
-import math
 import random
 import time
 from dataclasses import asdict
@@ -29,53 +28,24 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from datasets.code_dataset import CodeDataset, StepBatchSampler, collate_batch, find_code_metadata
+from datasets.code_dataset import CodeDataset, collate_batch, find_code_metadata
+from datasets.manifest import check_tokenizer, read_manifest
 from datasets.metadata import read_metadata
-from models.checkpoint import atomic_save, extract_state_dict, load_checkpoint, load_state_dict_strict, state_dict_to_cpu
+from models.checkpoint import (CheckpointError, atomic_save, extract_state_dict, load_checkpoint, load_state_dict_strict,
+                               state_dict_to_cpu)
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.gpt import GPT_models
+from models.training import (SCHEDULES, LRSchedule, StepBatchSampler, autocast_context, data_position, gather_rng_states,
+                             load_newest_checkpoint, numbered_checkpoints, prune_checkpoints, restore_rng_states, set_lr,
+                             update_ema)
 from scripts.cli import ArgumentParser
 
-SCHEDULES = ("constant", "cosine", "linear")
+
+RELEASED_VOCAB_SIZE = 32768  # the released MedITok: 8 codebooks x 4096 codes
 
 
 # ----------------------------------------------------------------------------------------------
-# RNG states (saved per rank, so dropout continues exactly after a resume)
-# ----------------------------------------------------------------------------------------------
-def get_rng_state(device: torch.device) -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": random.getstate(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def gather_rng_states(device: torch.device, world_size: int) -> list:
-    state = get_rng_state(device)
-    if world_size == 1:
-        return [state]
-    out = [None] * world_size
-    dist.all_gather_object(out, state)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Model, optimizer, schedule, EMA
+# Model and optimizer (schedule, EMA, RNG state and data order: models/training.py)
 # ----------------------------------------------------------------------------------------------
 def build_model(args, num_codebooks: int, grid_size: int):
     # Stochastic depth replaces dropout when it is on (as in the released trainer).
@@ -108,42 +78,57 @@ def create_optimizer(model, args):
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
 
 
-def lr_at(step: int, args, total_steps: int, warmup_steps: int) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warm-up, then constant/cosine/linear decay."""
-    if step < warmup_steps:
-        return args.lr * (step + 1) / warmup_steps
-    if args.schedule == "constant":
-        return args.lr
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    ratio = 0.5 * (1.0 + math.cos(math.pi * progress)) if args.schedule == "cosine" else 1.0 - progress
-    return args.end_lr + (args.lr - args.end_lr) * ratio
-
-
-@torch.no_grad()
-def update_ema(ema, model, decay: float) -> None:
-    # ema <- decay * ema + (1 - decay) * model, one fused pass over all tensors
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
-
-
-def autocast_context(args, device):
-    # bf16/fp16 autocast on GPU only: on a CPU it is slower and changes the numbers for nothing.
-    if device.type != "cuda" or args.mixed_precision == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision])
-
-
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+def code_settings(args, meta_path: Path, logger, device) -> tuple[dict | None, dict]:
+    """Fill `args.vocab_size` and `args.num_codebooks` from what made the codes; returns the manifest (or
+    None) and the CodeDataset cache (holding the tokenizer when one was built). Sources, first found wins:
+      1. the tokenization manifest batch_infer writes beside the codes (tokenizer.json): a flag that
+         contradicts it is an error naming both, and a --vq-ckpt whose weights differ from the ones that
+         made the codes is refused (naming both files) unless --allow-tokenizer-mismatch;
+      2. the tokenizer --vq-ckpt (codes from a batch_infer without manifests);
+      3. --vocab-size, else the released tokenizer's vocabulary."""
+    manifest, cache = read_manifest(meta_path), {}
+    if manifest is not None:
+        where = manifest["_path"]
+        for flag, value in (("vocab_size", manifest["vocab_size"]), ("num_codebooks", manifest["num_codebooks"]),
+                            ("image_size", manifest["image_size"])):
+            given = getattr(args, flag)
+            if given is not None and given != value:
+                raise ValueError(f"--{flag.replace('_', '-')} {given} contradicts {where}: the codes were made with "
+                                 f"{flag} {value} (leave the flag out to take it from there)")
+        args.vocab_size, args.num_codebooks = int(manifest["vocab_size"]), int(manifest["num_codebooks"])
+        made_by = manifest["tokenizer"]["path"]
+        if args.vq_ckpt is not None:
+            check_tokenizer(manifest, args.vq_ckpt, allow_mismatch=args.allow_tokenizer_mismatch)
+        elif manifest.get("infer_type") == "latent" and Path(made_by).is_file():
+            check_tokenizer(manifest, made_by)  # latents need the tokenizer: the one recorded, if unchanged
+            args.vq_ckpt = made_by
+        logger.info(f"{where}: vocabulary {args.vocab_size} = {args.num_codebooks} codebooks x "
+                    f"{manifest['codebook_size']}, grid {manifest['grid']}, made by {made_by}")
+    elif args.vocab_size is None and args.vq_ckpt is not None:
+        from models.meditok import build_meditok
+
+        cache["tokenizer"] = tokenizer = build_meditok(args.vq_ckpt, device=device).eval()
+        args.vocab_size = tokenizer.vocab_size
+        logger.info(f"vocabulary {args.vocab_size} from the tokenizer {args.vq_ckpt} (no manifest beside the codes)")
+    elif args.vocab_size is None:
+        args.vocab_size = RELEASED_VOCAB_SIZE
+        logger.info(f"vocabulary {args.vocab_size} (the released tokenizer's; no manifest beside the codes, no --vq-ckpt)")
+    return manifest, cache
+
+
 def load_data(args, logger, device):
     """(train CodeDataset, validation CodeDataset or None, metadata path). Every row is checked upfront."""
     meta_path = find_code_metadata(args.code_dir)
     if args.dataset != "c2i_code":
         raise ValueError(f"--dataset {args.dataset!r}: only 'c2i_code' (pre-tokenized codes) is supported")
+    manifest, cache = code_settings(args, meta_path, logger, device)  # one tokenizer serves both splits
     rows = read_metadata(meta_path, required=("code_identifier",))
     common = dict(num_classes=args.num_classes, num_codebooks=args.num_codebooks, vocab_size=args.vocab_size,
                   vq_ckpt=args.vq_ckpt, device=device, progress=logger.isEnabledFor(logging.INFO), rows=rows,
-                  cache={})  # a tokenizer built for latent files serves both splits, then goes
+                  cache=cache)
     train = CodeDataset(meta_path, splits="train", **common)
     if len(train) == 0:
         raise ValueError(f"{meta_path}: no training rows (split 'train' or no split column) among {len(rows)} rows")
@@ -156,7 +141,10 @@ def load_data(args, logger, device):
         f"{f', {others} rows of other splits not used' if others else ''}; codes [K={train.num_codebooks}, "
         f"{train.grid_size}x{train.grid_size}]"
     )
-    if args.image_size is not None and args.image_size // args.downsample_size != train.grid_size:
+    if manifest is not None and list(manifest["grid"]) != [train.grid_size] * 2:
+        raise ValueError(f"{meta_path}: the code files hold a {train.grid_size}-grid, but {manifest['_path']} "
+                         f"records a {manifest['grid']} grid")
+    if manifest is None and args.image_size is not None and args.image_size // args.downsample_size != train.grid_size:
         raise ValueError(
             f"--image-size {args.image_size} / --downsample-size {args.downsample_size} gives a "
             f"{args.image_size // args.downsample_size}-grid, but the code files hold a {train.grid_size}-grid"
@@ -175,7 +163,7 @@ def validation_loss(model, dataset, args, device, rank, world_size) -> float:
     for i in range(0, len(idx), bs):
         x, y = dataset.__getitems__(idx[i:i + bs])
         x, y = x.to(device), y.to(device)
-        with autocast_context(args, device):
+        with autocast_context(device, args.mixed_precision):
             _, loss = model(x[:, :, :-1], y, targets=x)
         total += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64, device=device)
     if world_size > 1:
@@ -187,32 +175,38 @@ def validation_loss(model, dataset, args, device, rank, world_size) -> float:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
-def find_resume_checkpoint(checkpoint_dir: Path) -> Path | None:
-    """The checkpoint with the most steps in checkpoint_dir, or None. Numbered files carry their step
-    in the name; latest.pt is read (a run extended after it finished writes numbered files past it)."""
-    numbered = [(int(p.stem), p) for p in checkpoint_dir.glob("[0-9]*.pt") if p.stem.isdigit()]
-    best = max(numbered, default=(-1, None))
+def is_training_state(ckpt) -> bool:
+    return isinstance(ckpt, dict) and "optimizer" in ckpt and "steps" in ckpt
+
+
+def find_resume_checkpoint(checkpoint_dir: Path, logger) -> tuple[Path | None, dict | None]:
+    """(path, checkpoint) with the most steps in checkpoint_dir that still loads, or (None, None).
+    Numbered files carry their step in the name; latest.pt is read (a run extended after it finished
+    writes numbered files past it). A truncated newest file is skipped: the log names it and the fallback."""
+    candidates, preloaded = [], {}
     latest = checkpoint_dir / "latest.pt"
     if latest.is_file():
-        step = int(load_checkpoint(latest).get("steps", -1))
-        if step >= best[0]:
-            best = (step, latest)
-    return best[1]
+        try:
+            preloaded[latest] = load_checkpoint(latest)
+            candidates.append((int(preloaded[latest].get("steps", -1)), latest))
+        except CheckpointError:
+            candidates.append((-1, latest))  # tried last, reported when skipped
+    candidates += numbered_checkpoints(checkpoint_dir)  # after latest.pt: it wins a tie
+    return load_newest_checkpoint(candidates, logger, is_training_state, preloaded)
 
 
-def make_checkpoint(raw_model, ema, optimizer, scaler, args, step, epoch, step_in_epoch, total_steps,
-                    warmup_steps, sampler, rng_states, label_names, world_size):
+def make_checkpoint(raw_model, ema, optimizer, scaler, args, step, epoch, step_in_epoch, schedule,
+                    sampler, rng_states, label_names, world_size):
     if step_in_epoch == sampler.steps_per_epoch:  # a finished epoch: resume at the next one's start
         epoch, step_in_epoch = epoch + 1, 0
     ckpt = {
         "model": state_dict_to_cpu(raw_model),
         "optimizer": optimizer.state_dict(),
-        "scheduler": {"schedule": args.schedule, "last_step": step, "total_steps": total_steps,
-                      "warmup_steps": warmup_steps, "lr": args.lr, "end_lr": args.end_lr},
+        "scheduler": schedule.state_dict(),
         "steps": step,
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,
-        "data": {"num_samples": sampler.num_samples, "global_batch_size": sampler.global_batch, "seed": sampler.seed},
+        "data": sampler.state_dict(),
         "rng": rng_states,
         "world_size": world_size,
         "config": asdict(raw_model.config),
@@ -262,6 +256,7 @@ def main(args):
         total_steps = min(total_steps, args.max_steps)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else (
         0 if args.schedule == "constant" else int(0.03 * total_steps))
+    schedule = LRSchedule(args.lr, total_steps, warmup_steps, args.schedule, args.end_lr)
 
     # Model: the same initial weights on every rank (seeded identically), then per-rank RNG for dropout.
     torch.manual_seed(args.global_seed)
@@ -280,13 +275,13 @@ def main(args):
 
     # Resume (or start from weights only, e.g. the released GPT-B).
     step, epoch, step_in_epoch = 0, 0, 0
-    resume_path = args.gpt_ckpt
-    if resume_path is None and args.auto_resume:
-        found = find_resume_checkpoint(checkpoint_dir)
-        resume_path = str(found) if found else None
-    if resume_path:
+    resume_path, ckpt = args.gpt_ckpt, None
+    if resume_path is not None:
         ckpt = load_checkpoint(resume_path)
-        if "optimizer" in ckpt and "steps" in ckpt:
+    elif args.auto_resume:
+        resume_path, ckpt = find_resume_checkpoint(checkpoint_dir, logger)
+    if resume_path:
+        if is_training_state(ckpt):
             load_state_dict_strict(raw_model, ckpt["model"], context=resume_path)
             if ema is not None:
                 load_state_dict_strict(ema, ckpt.get("ema", ckpt["model"]), context=f"{resume_path} [ema]")
@@ -294,19 +289,10 @@ def main(args):
             if scaler is not None and "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
             step = int(ckpt["steps"])
-            data = ckpt.get("data", {})
-            if data.get("num_samples") == len(train_set) and data.get("global_batch_size") == args.global_batch_size:
-                epoch, step_in_epoch = int(ckpt["epoch"]), int(ckpt["step_in_epoch"])
-            else:
-                epoch, step_in_epoch = step // steps_per_epoch, 0
-                logger.warning(f"{resume_path}: dataset size or global batch changed ({data}); starting epoch {epoch} from its beginning")
-            rng = ckpt.get("rng") or []
-            if len(rng) == world_size:
-                set_rng_state(rng[rank], device)
-            else:
-                logger.warning(f"{resume_path}: saved by {len(rng)} processes, resumed by {world_size}: RNG streams restart")
-            if ckpt.get("scheduler", {}).get("total_steps") not in (None, total_steps):
-                logger.warning(f"schedule length changed from {ckpt['scheduler']['total_steps']} to {total_steps} steps")
+            epoch, step_in_epoch = data_position(ckpt.get("data"), sampler, step, int(ckpt["epoch"]),
+                                                 int(ckpt["step_in_epoch"]), logger, str(resume_path))
+            restore_rng_states(ckpt.get("rng"), rank, world_size, device, logger, str(resume_path))
+            schedule.log_change(ckpt.get("scheduler"), logger)
             logger.info(f"resumed from {resume_path}: step {step}, epoch {epoch}, step {step_in_epoch} of {steps_per_epoch} in the epoch")
         else:  # weights only: fine-tune from step 0
             sd, where = extract_state_dict(ckpt, prefer=("model", "ema", "state_dict", "module"))
@@ -334,13 +320,15 @@ def main(args):
         writer = SummaryWriter(str(experiment_dir / "tensorboard"))
 
     def save(name: str):
-        rng_states = gather_rng_states(device, world_size)
+        rng_states = gather_rng_states(device)
         if rank == 0 and not args.no_local_save:
-            ckpt = make_checkpoint(raw_model, ema, optimizer, scaler, args, step, epoch, step_in_epoch, total_steps,
-                                   warmup_steps, sampler, rng_states, train_set.label_names, world_size)
+            ckpt = make_checkpoint(raw_model, ema, optimizer, scaler, args, step, epoch, step_in_epoch, schedule,
+                                   sampler, rng_states, train_set.label_names, world_size)
             path = checkpoint_dir / name
             atomic_save(ckpt, path)
             logger.info(f"saved {path}")
+            for old in prune_checkpoints(checkpoint_dir, args.keep_last):
+                logger.info(f"removed {old} (--keep-last {args.keep_last})")
         barrier()
 
     def evaluate():
@@ -363,14 +351,13 @@ def main(args):
         sampler.set_epoch(epoch, step_in_epoch)
         batches = iter(loader)
         while step < total_steps and step_in_epoch < steps_per_epoch:
-            lr = lr_at(step, args, total_steps, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            lr = schedule(step)
+            set_lr(optimizer, lr)
             for micro in range(accum):
                 x, y = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, K, L], [b]
                 sync = micro == accum - 1 or world_size == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(args, device):
+                with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(device, args.mixed_precision):
                     _, loss = model(x[:, :, :-1], y, targets=x)
                     loss = loss / accum
                 (scaler.scale(loss) if use_scaler else loss).backward()
@@ -444,7 +431,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "or the folder holding exactly one such file")
     g.add_argument("--dataset", type=str, default="c2i_code", choices=["c2i_code"], help="dataset type (pre-tokenized codes)")
     g.add_argument("--vq-ckpt", type=str, default=None,
-                   help="tokenizer checkpoint, needed when code files are latents (batch_infer.py --infer_type latent)")
+                   help="tokenizer checkpoint: needed when code files are latents (batch_infer.py --infer_type latent); "
+                        "checked against the weights recorded in the codes' manifest")
+    g.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="accept a --vq-ckpt whose weights differ from the ones that made the codes (a warning instead of an error)")
     g.add_argument("--tokenizer-name", type=str, default="meditok", help="tokenizer name, recorded in the log and checkpoints")
     g.add_argument("--num-classes", type=int, default=6, help="number of classes; every label must lie in [0, num_classes)")
     g.add_argument("--image-size", type=int, default=None,
@@ -456,7 +446,9 @@ def get_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("model")
     g.add_argument("--gpt-model", type=str, choices=list(GPT_models), default="GPT-B", help="GPT size")
     g.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i", help="conditioning type (class-to-image)")
-    g.add_argument("--vocab-size", type=int, default=32768, help="total vocabulary over all codebooks (codebook_size x K)")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="total vocabulary over all codebooks (codebook_size x K); default: from the tokenization "
+                        "manifest beside the codes, else from --vq-ckpt, else the released 32768")
     g.add_argument("--num-codebooks", type=int, default=None, help="codebooks K; checked against the code files (default: from the data)")
     g.add_argument("--num-output-layer", type=int, default=1, help="blocks in the multi-codebook head")
     g.add_argument("--cls-token-num", type=int, default=1, help="condition positions before the image tokens")
@@ -496,6 +488,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto-resume", action="store_true",
                    help="without --gpt-ckpt, resume from the newest checkpoint in RESULTS_DIR/EXP_NAME/checkpoints if any")
     g.add_argument("--ckpt-every", type=int, default=5000, help="save checkpoints/NNNNNNN.pt every this many steps")
+    g.add_argument("--keep-last", type=int, default=0,
+                   help="keep only the newest N numbered checkpoints (0: all); latest.pt is never deleted")
     g.add_argument("--no-local-save", action="store_true", help="write no checkpoints (e.g. benchmarks)")
     g.add_argument("--log-every", type=int, default=100, help="log the training loss every this many steps")
     g.add_argument("--eval-every", type=int, default=0, help="validation loss every this many steps (0: only at the end)")
