@@ -11,12 +11,17 @@
 # (delete OUT/stages/<NN>_<stage>.seconds, or the whole OUT, to redo one). Every setting below can be
 # overridden from the environment, e.g. `GPT_STEPS=300 bash scripts/quickstart.sh`.
 set -Eeuo pipefail  # -E: the ERR trap below also fires inside the stage function
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-source scripts/venv.sh
+# The Python: an active environment with torch, else the repository's .venv (see scripts/launcher.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"
+launcher_python
+python() { "$PYTHON" "$@"; }  # every stage runs the launcher's Python
+# Relative OUT / DATA_DIR are taken from the folder the script was started in; then run from the repo root.
+OUT=$(abspath "${OUT:-$REPO_ROOT/outputs/quickstart}")
+DATA_DIR=$(abspath "${DATA_DIR:-$OUT/data}")
+cd "$REPO_ROOT"
 
 # ---- settings ---------------------------------------------------------------------------------
-OUT=${OUT:-outputs/quickstart}
-DATA_DIR=${DATA_DIR:-$OUT/data}                  # images/ + metadata.csv of the real images
+# OUT [outputs/quickstart]; DATA_DIR [$OUT/data]: images/ + metadata.csv of the real images
 DATA_IMAGE_SIZE=${DATA_IMAGE_SIZE:-128}          # side of the stored PNGs (stages resize to IMAGE_SIZE)
 IMAGE_SIZE=${IMAGE_SIZE:-64}                     # side the tokenizer, GPT and evaluation work at
 NUM_CLASSES=${NUM_CLASSES:-4}
@@ -25,9 +30,9 @@ SEED=${SEED:-0}
 # tokenizer
 TOKENIZER_CONFIG=${TOKENIZER_CONFIG:-MedITok-Tiny}
 TOKENIZER_MINUTES=${TOKENIZER_MINUTES:-4}         # wall-clock training budget (the run stops and saves); 5 min gave 27.0 dB
-TOKENIZER_EPOCHS=${TOKENIZER_EPOCHS:-}            # empty: scripts/train_tokenizer.sh's defaults
-TOKENIZER_BATCH_SIZE=${TOKENIZER_BATCH_SIZE:-}
-TOKENIZER_LR=${TOKENIZER_LR:-}
+TOKENIZER_EPOCHS=${TOKENIZER_EPOCHS:-40}
+TOKENIZER_BATCH_SIZE=${TOKENIZER_BATCH_SIZE:-16}
+TOKENIZER_LR=${TOKENIZER_LR:-2e-3}
 TOKENIZER_EXTRA_ARGS=${TOKENIZER_EXTRA_ARGS:---dead-code-every 25}  # restart unused codes: ~73 % codebook use instead of ~12 %
 # tokenization
 INFER_BATCH_SIZE=${INFER_BATCH_SIZE:-64}
