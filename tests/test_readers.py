@@ -303,3 +303,212 @@ def test_image_dataset_hooks(tmp_path):
     random_window = ImageDataset(rows[:1], image_size=32, channels=1, read_options=lambda r, i: {"window": "bone"})
     ref_bone = torch.from_numpy(read_image(path, window="bone", image_size=32)).permute(2, 0, 1) * 2 - 1
     torch.testing.assert_close(random_window[0]["image"], ref_bone)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixel cap (checked from the header, before decoding) and memory of pad / resize
+# ----------------------------------------------------------------------------------------------
+def test_pixel_cap_is_checked_from_the_header_before_decoding(tmp_path):
+    # files whose pixel data are broken: decoding would fail with "could not read"; the cap must speak first
+    Image.fromarray(np.zeros((300, 400), np.uint8)).save(tmp_path / "a.png")
+    raw = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(raw[:60])
+    with pytest.raises(ReadError, match=r"broken.png: 120,000 pixels .* limit of 1,000"):
+        read_image(tmp_path / "broken.png", max_pixels=1000)
+    with pytest.raises(ReadError, match="could not read"):
+        read_image(tmp_path / "broken.png")
+    ds = pydicom.dcmread(dcm("CT_small.dcm"))
+    ds.Rows = ds.Columns = 4096  # the header promises 16M pixels; the data hold 16k
+    ds.save_as(tmp_path / "big.dcm")
+    with pytest.raises(ReadError, match=r"big.dcm: 16,777,216 pixels .*limit of 1,000,000"):
+        read_image(tmp_path / "big.dcm", max_pixels=1_000_000)
+    with open(tmp_path / "big.npy", "wb") as f:  # an .npy header for 1e10 values and no data
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (100000, 100000)})
+    with pytest.raises(ReadError, match="big.npy: 10,000,000,000 pixels"):
+        read_image(tmp_path / "big.npy")  # the default cap
+    assert read_image(tmp_path / "a.png", max_pixels=120_000).shape == (300, 400, 1)
+    assert read_image(tmp_path / "a.png", max_pixels=0).shape == (300, 400, 1)  # 0: no cap
+    assert read_image(tmp_path / "a.png", max_pixels=None).shape == (300, 400, 1)
+
+
+def test_compressed_bombs_are_refused_without_decompressing(tmp_path):
+    import tracemalloc
+
+    import nibabel as nib
+    sitk = pytest.importorskip("SimpleITK")
+
+    zeros = np.zeros((1500, 1500), np.float64)  # 18 MB, a few kB compressed
+    np.savez_compressed(tmp_path / "bomb.npz", image=zeros)
+    nib.save(nib.Nifti1Image(np.zeros((120, 120, 120), np.float32), np.eye(4)), tmp_path / "bomb.nii.gz")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((120, 120, 120), np.float32)), str(tmp_path / "bomb.nrrd"), True)
+    del zeros
+    for name in ("bomb.npz", "bomb.nii.gz", "bomb.nrrd"):
+        assert (tmp_path / name).stat().st_size < 200_000
+        tracemalloc.start()
+        with pytest.raises(ReadError, match=f"{name}: .* exceed the limit of 100,000"):
+            read_image(tmp_path / name, slice_index=0, max_pixels=100_000)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 2_000_000, (name, peak)  # the data (7-18 MB) were never decompressed
+
+
+def test_pad_resizes_the_long_side_first(tmp_path, monkeypatch):
+    # a 1 x 60000 strip: padding it to a square first would allocate 60000^2 floats (14 GB)
+    Image.fromarray(np.full((1, 60000), 255, np.uint8)).save(tmp_path / "strip.png")
+    biggest = []
+    for name in ("pad", "interpolate"):
+        real = getattr(torch.nn.functional, name)
+
+        def wrapped(*a, _real=real, **k):
+            out = _real(*a, **k)
+            biggest.append(out.numel())
+            return out
+        monkeypatch.setattr(torch.nn.functional, name, wrapped)
+    img = read_image(tmp_path / "strip.png", image_size=64)[..., 0]
+    assert max(biggest) <= 64 * 64
+    assert img.shape == (64, 64)
+    np.testing.assert_allclose(img[31], 1.0, atol=1e-5)  # one white row, centred
+    assert np.delete(img, 31, axis=0).max() == 0.0
+    tall = read_image(tmp_path / "strip.png", image_size=64, fit="stretch")
+    assert tall.shape == (64, 64, 1) and tall.min() > 0.9999
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear per-row errors: 4-D arrays, no finite values, multi-page files without slice_index
+# ----------------------------------------------------------------------------------------------
+def test_4d_arrays_and_nan_images_are_clear_errors(tmp_path):
+    np.save(tmp_path / "four.npy", np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(ReadError, match=r"four.npy: 4-D array of shape \(2, 3, 8, 8\)"):
+        read_image(tmp_path / "four.npy", slice_index=0)
+    np.save(tmp_path / "nan.npy", np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(ReadError, match="nan.npy: no finite pixel values"):
+        read_image(tmp_path / "nan.npy")
+    np.save(tmp_path / "inf.npy", np.full((8, 8), np.inf, np.float32))
+    with pytest.raises(ReadError, match="inf.npy: no finite pixel values"):
+        read_image(tmp_path / "inf.npy")
+    part = np.arange(64, dtype=np.float32).reshape(8, 8)
+    part[0, 0] = np.nan  # NaN background beside real values: still an image
+    np.save(tmp_path / "part.npy", part)
+    got = read_image(tmp_path / "part.npy", intensity="minmax")[..., 0]
+    assert got[0, 0] == 0.0 and got[-1, -1] == 1.0
+    # a 4-D NIfTI (an fMRI / diffusion series): refused with its shape, as nibabel reads it
+    import nibabel as nib
+    path = NIBABEL_DATA / "example4d.nii.gz"
+    shape = nib.load(str(path)).shape
+    assert len(shape) == 4 and shape[-1] > 1
+    with pytest.raises(ReadError, match=rf"4-D NIfTI of shape \({shape[0]}, {shape[1]}, {shape[2]}, {shape[3]}\)"):
+        read_image(path, slice_index=0)
+
+
+def test_multipage_tiff_pages_are_slices(tmp_path):
+    rng = np.random.default_rng(3)
+    pages = rng.integers(0, 65535, (4, 12, 10)).astype(np.uint16)
+    Image.fromarray(pages[0]).save(tmp_path / "stack.tif", save_all=True,
+                                   append_images=[Image.fromarray(p) for p in pages[1:]])
+    with Image.open(tmp_path / "stack.tif") as im:  # PIL's own pages are the reference
+        assert im.n_frames == 4
+        ref = []
+        for k in range(4):
+            im.seek(k)
+            ref.append(np.array(im))
+    ref = np.stack(ref)
+    with pytest.raises(ReadError, match="needs a slice_index"):
+        read_image(tmp_path / "stack.tif")
+    assert volume_shape(tmp_path / "stack.tif") == (4, 12, 10)
+    for k in range(4):
+        got = read_image(tmp_path / "stack.tif", slice_index=k, intensity="minmax")[..., 0]
+        x = ref[k].astype(np.float64)
+        np.testing.assert_allclose(got, (x - x.min()) / (x.max() - x.min()), atol=1e-5)
+    col = read_image(tmp_path / "stack.tif", slice_index=5, slice_axis=2, intensity="minmax")[..., 0]
+    x = ref[:, :, 5].astype(np.float64)  # pages are not oriented: no flip
+    np.testing.assert_allclose(col, (x - x.min()) / (x.max() - x.min()), atol=1e-5)
+    with pytest.raises(ReadError, match=r"slice_index 4 outside \[0, 4\)"):
+        read_image(tmp_path / "stack.tif", slice_index=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Independent references: nibabel orientation, colour weights, NRRD, Analyze, colour DICOM
+# ----------------------------------------------------------------------------------------------
+def minmax(x):
+    x = np.asarray(x, np.float64)
+    return (x - x.min()) / (x.max() - x.min())
+
+
+@pytest.mark.parametrize("name", ["anatomical.nii", "mni"])
+def test_coronal_and_sagittal_follow_nibabel_orientation(name):
+    import nibabel as nib
+
+    if name == "mni":
+        nilearn = pytest.importorskip("nilearn")
+        path = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    else:
+        path = NIBABEL_DATA / name
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    data = np.asanyarray(img.dataobj).astype(np.float64)  # [x: towards the patient's right, y: anterior, z: superior]
+    nx, ny, nz = data.shape
+    for j in (ny // 3, ny // 2):
+        # coronal: superior at the top (z descending down the rows), patient's right on the image's left
+        # (x descending along the columns). Axis 1 counts from anterior, so index j is y = ny - 1 - j.
+        expected = data[:, ny - 1 - j, :].T[::-1, ::-1]
+        got = read_image(path, slice_index=j, slice_axis="coronal", intensity="minmax")[..., 0]
+        np.testing.assert_allclose(got, minmax(expected), atol=1e-5)
+    for i in (nx // 3, nx // 2):
+        # sagittal: superior at the top, anterior on the left (y descending); index i counts from the right
+        expected = data[nx - 1 - i, :, :].T[::-1, ::-1]
+        got = read_image(path, slice_index=i, slice_axis="sagittal", intensity="minmax")[..., 0]
+        np.testing.assert_allclose(got, minmax(expected), atol=1e-5)
+    # world coordinates: the top row of a coronal slice lies above its bottom row
+    top = img.affine @ [nx // 2, ny // 2, nz - 1, 1]
+    bottom = img.affine @ [nx // 2, ny // 2, 0, 1]
+    assert top[2] > bottom[2]
+
+
+def test_colour_to_grey_uses_rec601_weights(tmp_path):
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "c.png")
+    grey = read_image(tmp_path / "c.png", channels=1)[..., 0]
+    r, g, b = (rgb[..., i].astype(np.float64) / 255 for i in range(3))
+    np.testing.assert_allclose(grey, 0.299 * r + 0.587 * g + 0.114 * b, atol=1e-6)  # ITU-R BT.601 luma
+    pil_l = np.array(Image.fromarray(rgb).convert("L")) / 255.0  # PIL's own conversion (rounded to 8 bit)
+    np.testing.assert_allclose(grey, pil_l, atol=1 / 255 + 1e-6)
+
+
+def test_colour_dicom_is_rgb():
+    path = dcm("SC_rgb.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.PhotometricInterpretation == "RGB" and ds.SamplesPerPixel == 3
+    np.testing.assert_allclose(read_image(path), ds.pixel_array / 255.0, atol=1e-6)
+    x = ds.pixel_array.astype(np.float64) / 255
+    np.testing.assert_allclose(read_image(path, channels=1)[..., 0], x @ [0.299, 0.587, 0.114], atol=1e-6)
+
+
+def test_nrrd_volume_matches_simpleitk(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    rng = np.random.default_rng(7)
+    vol = rng.integers(-1000, 2000, (6, 10, 12)).astype(np.int16)  # [z, y, x]
+    image = sitk.GetImageFromArray(vol)  # identity direction: LPS already
+    sitk.WriteImage(image, str(tmp_path / "v.nrrd"))
+    back = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "v.nrrd")))  # SimpleITK's own reading
+    assert volume_shape(tmp_path / "v.nrrd") == back.shape
+    for k in (0, 3, 5):
+        np.testing.assert_allclose(read_image(tmp_path / "v.nrrd", k, window=(500, 3000))[..., 0],
+                                   np.clip((back[k] - (500 - 1500)) / 3000, 0, 1), atol=1e-6)
+    # coronal: superior at the top
+    np.testing.assert_allclose(read_image(tmp_path / "v.nrrd", 4, "coronal", intensity="minmax")[..., 0],
+                               minmax(back[::-1, 4, :]), atol=1e-5)
+
+
+def test_analyze_volume_matches_nibabel(tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(8)
+    data = rng.integers(0, 3000, (9, 7, 5)).astype(np.int16)
+    nib.save(nib.AnalyzeImage(data, np.diag([2.0, 2.0, 3.0, 1.0])), tmp_path / "a.img")
+    assert (tmp_path / "a.hdr").is_file()
+    canon = np.asanyarray(nib.as_closest_canonical(nib.load(str(tmp_path / "a.img"))).dataobj).astype(np.float64)
+    for path in (tmp_path / "a.img", tmp_path / "a.hdr"):
+        for k in (0, 2, 4):
+            expected = canon[:, :, k].T[::-1, ::-1]  # axial, radiological
+            np.testing.assert_allclose(read_image(path, k, intensity="minmax")[..., 0], minmax(expected), atol=1e-5)
