@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -53,7 +54,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from datasets.files import atomic_save, fsync_dir
-from models.checkpoint import CheckpointError, load_checkpoint, state_dict_to_cpu
+from models.checkpoint import CheckpointError, check_state_dict, load_checkpoint, state_dict_to_cpu
 
 DATA_PARALLEL = ("ddp", "fsdp", "hsdp")
 TRAIN_STATE = "train_state.pt"
@@ -148,33 +149,35 @@ def shard(model: nn.Module, mesh: Optional[DeviceMesh], block_types: tuple[type,
 def wrap_model(model: nn.Module, mode: str, device: torch.device, block_types: tuple[type, ...], *,
                mesh: Optional[DeviceMesh] = None, precision: str = "none", grad_checkpointing: bool = False,
                compile: bool = False, ema: Optional[nn.Module] = None) -> nn.Module:
-    """The module to call for training, from `model` (on `device`, or on the CPU for fsdp/hsdp: the
-    shards move to the mesh's device) built identically on every rank.
+    """The module to call for training. `model` (and `ema`, a copy of it) are built identically on every
+    rank, on the CPU or on `device`; they end on `device`, whole (ddp, one process) or as shards.
 
     ddp: `model` stays the plain module (save and load through it); the returned one is DDP(compiled).
-    fsdp/hsdp: `model` itself is sharded in place and returned (its parameters become DTensors); `ema`,
-    a copy of `model` made before this call, is sharded the same way, so the EMA update
-    (`models.training.update_ema`) runs on the local shards. Create the optimizer after this call."""
+    fsdp/hsdp: `model` itself is sharded in place and returned (its parameters become DTensors); `ema`
+    is sharded the same way, so the EMA update (`models.training.update_ema`) runs on the local shards.
+    Create the optimizer after this call."""
+    if mode not in DATA_PARALLEL:
+        raise ValueError(f"data parallel mode {mode!r}: expected one of {DATA_PARALLEL}")
     if grad_checkpointing:
         checkpoint_activations(model, block_types)
     _, world_size = world()
+    if mode == "ddp" or mesh is None:
+        if mode != "ddp" and world_size > 1:
+            raise ValueError(f"{mode} with {world_size} processes needs a device mesh (models.parallel.device_mesh)")
+        for m in (model, ema):
+            if m is not None:
+                m.to(device)
     if mode == "ddp":
         train_model = torch.compile(model) if compile else model
         if world_size > 1:
             train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
         return train_model
-    if mesh is None and world_size > 1:
-        raise ValueError(f"{mode} with {world_size} processes needs a device mesh (models.parallel.device_mesh)")
     if compile:  # per block and in place, so the parameter names stay those of the plain model
         for block in find_blocks(model, block_types):
             block.compile()
     shard(model, mesh, block_types, mixed_precision_policy(device, precision))
     if ema is not None:
         shard(ema, mesh, block_types)
-    if mesh is None:
-        for m in (model, ema):
-            if m is not None:
-                m.to(device)
     return model
 
 
@@ -208,23 +211,34 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return state_dict_to_cpu(module)
 
 
-def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict (every rank holds it) into a plain or sharded module, strictly."""
+def load_full_state_dict(module: nn.Module, state_dict: dict[str, torch.Tensor], context: str = "") -> None:
+    """Load a full state dict (every rank holds it) into a plain or sharded module, strictly; a
+    mismatch names the keys (the sharded module's state dict has the global shapes)."""
+    check_state_dict(module, state_dict, context)
     if is_sharded(module):
         set_model_state_dict(module, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
     else:
         module.load_state_dict(state_dict, strict=True)
 
 
-def full_to_fqn_optimizer_state(optim_sd: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """An optimizer state dict saved from the plain model (keyed by parameter index, `Optimizer.state_dict`)
-    re-keyed by parameter name, the form `set_state_dict(full_state_dict=True)` takes for sharded models.
-    Requires the same parameter groups in the same order (the trainers build them the same way)."""
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, optim_sd: dict) -> None:
+    """An `Optimizer.state_dict()` saved with the plain model (a single-file training checkpoint) into the
+    optimizer of a plain or sharded `model`."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(optim_sd)
+        return
+    set_optimizer_state_dict(model, optimizer, _optimizer_state_by_name(optim_sd, model, optimizer),
+                             options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def _optimizer_state_by_name(optim_sd: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optim_sd` keyed by parameter index re-keyed by parameter name, the form set_optimizer_state_dict
+    takes. Requires the same parameter groups in the same order (the trainers build them one way)."""
     names = {id(p): n for n, p in _plain_named_parameters(model)}
     groups = optimizer.param_groups
     if len(groups) != len(optim_sd["param_groups"]) or any(
             len(g["params"]) != len(s["params"]) for g, s in zip(groups, optim_sd["param_groups"])):
-        raise CheckpointError("optimizer state: the parameter groups differ from the model's")
+        raise CheckpointError("optimizer state: its parameter groups differ from the model's")
     index_to_name = {}
     for g, s in zip(groups, optim_sd["param_groups"]):
         for p, idx in zip(g["params"], s["params"]):
@@ -233,23 +247,6 @@ def full_to_fqn_optimizer_state(optim_sd: dict, model: nn.Module, optimizer: tor
         "state": {index_to_name[i]: v for i, v in optim_sd["state"].items()},
         "param_groups": [{**s, "params": [index_to_name[i] for i in s["params"]]} for s in optim_sd["param_groups"]],
     }
-
-
-def load_full_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict,
-                             optim_sd: Optional[dict]) -> None:
-    """A single-file training checkpoint (plain weights, index-keyed optimizer state) into a plain or
-    sharded model and its optimizer."""
-    if not is_sharded(model):
-        model.load_state_dict(model_sd, strict=True)
-        if optim_sd is not None:
-            optimizer.load_state_dict(optim_sd)
-        return
-    opts = StateDictOptions(full_state_dict=True, strict=True)
-    set_model_state_dict(model, model_sd, options=opts)
-    if optim_sd is not None:
-        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-        set_optimizer_state_dict(model, optimizer, full_to_fqn_optimizer_state(optim_sd, model, optimizer), options=opts)
 
 
 def _plain_named_parameters(model: nn.Module):
@@ -271,6 +268,14 @@ def sharded_checkpoints(folder: str | Path, prefix: str = "") -> list[tuple[int,
         if m and p.is_dir() and is_complete(p):
             found.append((int(m.group(1)), p))
     return sorted(found)
+
+
+def prune_sharded(folder: str | Path, keep: int, prefix: str = "") -> list[Path]:
+    """Delete all but the newest `keep` complete sharded checkpoints (`keep` <= 0: keep all)."""
+    old = sharded_checkpoints(folder, prefix)[:-keep] if keep > 0 else []
+    for _, p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p for _, p in old]
 
 
 def is_complete(path: str | Path) -> bool:

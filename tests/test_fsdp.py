@@ -21,16 +21,19 @@ from models.checkpoint import CheckpointError, load_checkpoint
 from models.gpt import GPT_models, TransformerBlock, load_gpt
 from models.parallel import (
     PARTIAL,
+    TRAIN_STATE,
     clip_grad_norm,
     device_mesh,
     find_blocks,
     full_state_dict,
+    is_complete,
     load_sharded,
     save_sharded,
     sharded_checkpoints,
     wrap_model,
 )
 from models.training import update_ema
+from test_train_c2i import base_args, final_weights, make_codes, subprocess_env, train  # the GPT trainer's tiny runs
 
 REPO = Path(__file__).resolve().parents[1]
 K, GRID, SUB, CLASSES, BATCH = 4, 4, 16, 3, 8
@@ -198,3 +201,77 @@ def test_fsdp_hsdp_equal_one_process_and_checkpoints_reshard(tmp_path):
     train_steps(model, model, opt, ema, [2])
     assert_close(ref["model"], model.state_dict(), 1e-5, "2 -> 1 weights")
     assert_close(ref["ema"], ema.state_dict(), 1e-5, "2 -> 1 ema")
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer: train_c2i.py --data-parallel fsdp
+# ----------------------------------------------------------------------------------------------
+EXTRA = ["--ema", "--ema-decay", "0.9", "--warmup-steps", "5", "--ckpt-every", "2"]
+
+
+def torchrun_train_c2i(nproc, argv, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "evaluation.generation.train_c2i", *argv]
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True, **popen)  # own process group: SIGKILL reaches the workers
+
+
+def assert_weights_equal(a, b, atol, what):
+    assert a.keys() == b.keys(), what
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"{what}: differs by {worst}"
+
+
+@pytest.mark.slow
+def test_train_c2i_fsdp_equals_one_process_ddp_and_latest_loads(tmp_path):
+    """2 processes, FSDP + activation checkpointing vs 1 plain DDP process, same global batch of 8."""
+    meta = make_codes(tmp_path)
+    train(base_args(meta, tmp_path, "ddp", "--max-steps", "6", *EXTRA, dropout=False))
+    proc = torchrun_train_c2i(2, base_args(meta, tmp_path, "fsdp", "--max-steps", "6", *EXTRA, "--data-parallel", "fsdp",
+                                           "--grad-checkpointing", dropout=False))
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    assert "world_size=2" in (tmp_path / "fsdp" / "log.txt").read_text()
+    for key in ("model", "ema"):
+        assert_weights_equal(final_weights(tmp_path, "ddp", key), final_weights(tmp_path, "fsdp", key), 1e-4, key)
+
+    # Training state in one DCP folder per checkpoint (the last step included); latest.pt is consolidated.
+    ckpts = tmp_path / "fsdp" / "checkpoints"
+    assert [s for s, _ in sharded_checkpoints(ckpts)] == [2, 4, 6]
+    assert sorted(p.name for p in (ckpts / "0000006").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", TRAIN_STATE]
+    latest = load_checkpoint(ckpts / "latest.pt")
+    assert "optimizer" not in latest and latest["steps"] == 6 and latest["config"]["n_layer"] == 4
+    gpt, _ = load_gpt(ckpts / "latest.pt")  # EMA weights, config from the file
+    assert_weights_equal(gpt.state_dict(), latest["ema"], 0.0, "load_gpt")
+    assert torch.isfinite(gpt(torch.zeros(2, K, GRID * GRID - 1, dtype=torch.long), torch.tensor([0, 1]))[0]).all()
+
+
+@pytest.mark.slow
+def test_train_c2i_fsdp_killed_on_two_processes_resumes_on_one(tmp_path):
+    """SIGKILL a 2-process FSDP run after its step-4 checkpoint (mid-epoch: 3 steps per epoch); one
+    process continues it to step 6 and must end where an uninterrupted run ends."""
+    meta = make_codes(tmp_path)
+    victim = torchrun_train_c2i(2, base_args(meta, tmp_path, "victim", "--max-steps", "100000", *EXTRA,
+                                             "--data-parallel", "fsdp", dropout=False))
+    ckpt4 = tmp_path / "victim" / "checkpoints" / "0000004"
+    try:
+        deadline = time.time() + 300
+        while not is_complete(ckpt4) and victim.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert is_complete(ckpt4), victim.stderr.read().decode()[-3000:] if victim.poll() is not None else "no checkpoint in time"
+    finally:
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait()
+    # Whatever the kill interrupted, every folder that looks like a checkpoint is one.
+    for p in (tmp_path / "victim" / "checkpoints").iterdir():
+        assert p.name.endswith(PARTIAL) or is_complete(p), f"{p} looks like a checkpoint but is incomplete"
+    state = load_checkpoint(ckpt4 / TRAIN_STATE)
+    assert (state["steps"], state["epoch"], state["step_in_epoch"], state["world_size"]) == (4, 1, 1, 2)
+
+    train(base_args(meta, tmp_path, "straight", "--max-steps", "6", *EXTRA, dropout=False))
+    train(base_args(meta, tmp_path, "resumed", "--max-steps", "6", *EXTRA, "--data-parallel", "fsdp",
+                    "--gpt-ckpt", ckpt4, dropout=False))
+    log = (tmp_path / "resumed" / "log.txt").read_text()
+    assert "resumed from" in log and "step 4, epoch 1, step 1 of 3" in log
+    for key in ("model", "ema"):
+        assert_weights_equal(final_weights(tmp_path, "straight", key), final_weights(tmp_path, "resumed", key), 1e-4, key)

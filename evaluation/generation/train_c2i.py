@@ -13,7 +13,6 @@ mid-epoch included. Without torchrun (`python -m evaluation.generation.train_c2i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import logging
 import random
@@ -24,17 +23,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.code_dataset import CodeDataset, collate_batch, find_code_metadata
 from datasets.manifest import check_tokenizer, read_manifest
 from datasets.metadata import read_metadata
-from models.checkpoint import (CheckpointError, atomic_save, extract_state_dict, load_checkpoint, load_state_dict_strict,
-                               state_dict_to_cpu)
+from models.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
-from models.gpt import GPT_models
+from models.gpt import GPT_models, TransformerBlock
+from models.parallel import (DATA_PARALLEL, device_mesh, full_state_dict, gradient_sync, load_full_optimizer_state,
+                             load_full_state_dict, load_sharded, prune_sharded, save_sharded, sharded_checkpoints,
+                             wrap_model)
 from models.training import (SCHEDULES, LRSchedule, StepBatchSampler, autocast_context, data_position, gather_rng_states,
                              load_newest_checkpoint, numbered_checkpoints, prune_checkpoints, restore_rng_states, set_lr,
                              update_ema)
@@ -160,12 +160,15 @@ def validation_loss(model, dataset, args, device, rank, world_size) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of row losses, rows)
     idx = list(range(rank, len(dataset), world_size))
     bs = max(1, args.global_batch_size // (world_size * args.gradient_accumulation_steps))
-    for i in range(0, len(idx), bs):
-        x, y = dataset.__getitems__(idx[i:i + bs])
+    # As many batches on every rank as on rank 0 (the most rows): a sharded model's forward is a
+    # collective. A rank out of rows runs row 0 and counts nothing.
+    for i in range(0, len(range(0, len(dataset), world_size)), bs):
+        rows = idx[i:i + bs]
+        x, y = dataset.__getitems__(rows or [0])
         x, y = x.to(device), y.to(device)
         with autocast_context(device, args.mixed_precision):
             _, loss = model(x[:, :, :-1], y, targets=x)
-        total += torch.tensor([loss.item() * len(y), len(y)], dtype=torch.float64, device=device)
+        total += torch.tensor([loss.item() * len(rows), len(rows)], dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(total)
     model.train(was_training)
@@ -192,16 +195,27 @@ def find_resume_checkpoint(checkpoint_dir: Path, logger) -> tuple[Path | None, d
         except CheckpointError:
             candidates.append((-1, latest))  # tried last, reported when skipped
     candidates += numbered_checkpoints(checkpoint_dir)  # after latest.pt: it wins a tie
-    return load_newest_checkpoint(candidates, logger, is_training_state, preloaded)
+    # Sharded runs (fsdp/hsdp) keep their training state in DCP folders NNNNNNN/ (returned with checkpoint
+    # None: models.parallel.load_sharded reads them) and write a latest.pt without optimizer.
+    sharded = sharded_checkpoints(checkpoint_dir)
+    try:
+        path, ckpt = load_newest_checkpoint(candidates, logger, is_training_state, preloaded)
+    except CheckpointError:
+        if not sharded:
+            raise
+        path, ckpt = None, None
+    if sharded and (path is None or sharded[-1][0] >= int(ckpt["steps"])):
+        return sharded[-1][1], None
+    return path, ckpt
 
 
-def make_checkpoint(raw_model, ema, optimizer, scaler, args, step, epoch, step_in_epoch, schedule,
-                    sampler, rng_states, label_names, world_size):
+def make_checkpoint(raw_model, weights, ema_weights, optimizer_state, scaler, args, step, epoch, step_in_epoch,
+                    schedule, sampler, rng_states, label_names, world_size):
+    """The checkpoint dict. weights / ema_weights / optimizer_state: full state dicts, or None to leave them
+    out (a sharded run's training state keeps them in its DCP folder; its latest.pt has no optimizer)."""
     if step_in_epoch == sampler.steps_per_epoch:  # a finished epoch: resume at the next one's start
         epoch, step_in_epoch = epoch + 1, 0
     ckpt = {
-        "model": state_dict_to_cpu(raw_model),
-        "optimizer": optimizer.state_dict(),
         "scheduler": schedule.state_dict(),
         "steps": step,
         "epoch": epoch,
@@ -214,8 +228,9 @@ def make_checkpoint(raw_model, ema, optimizer, scaler, args, step, epoch, step_i
         "label_names": {int(k): v for k, v in label_names.items()},
         "args": vars(args),
     }
-    if ema is not None:
-        ckpt["ema"] = state_dict_to_cpu(ema)
+    for key, value in (("model", weights), ("ema", ema_weights), ("optimizer", optimizer_state)):
+        if value is not None:
+            ckpt[key] = value
     if scaler is not None and scaler.is_enabled():
         ckpt["scaler"] = scaler.state_dict()
     return ckpt
@@ -260,11 +275,23 @@ def main(args):
 
     # Model: the same initial weights on every rank (seeded identically), then per-rank RNG for dropout.
     torch.manual_seed(args.global_seed)
-    raw_model = build_model(args, train_set.num_codebooks, train_set.grid_size).to(device)
+    raw_model = build_model(args, train_set.num_codebooks, train_set.grid_size)
     logger.info(f"{args.gpt_model}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, config {asdict(raw_model.config)}")
     ema = None
     if args.ema:
         ema = copy.deepcopy(raw_model).requires_grad_(False).eval()
+    # Wrap for training (models/parallel.py): ddp keeps raw_model plain (checkpoints are saved from it);
+    # fsdp/hsdp shard raw_model and the EMA in place, per transformer block. Compile on GPU only.
+    # The optimizer is created afterwards, on the parameters training updates (shards for fsdp/hsdp).
+    compile_model = not args.no_compile and device.type == "cuda"
+    if compile_model:
+        logger.info("compiling the model (the first steps take longer)")
+    elif not args.no_compile:
+        logger.info("torch.compile skipped on CPU (compile time would dominate); pass --no-compile to silence this")
+    model = wrap_model(raw_model, args.data_parallel, device, (TransformerBlock,),
+                       mesh=device_mesh(args.data_parallel, device), precision=args.mixed_precision,
+                       grad_checkpointing=args.grad_checkpointing, compile=compile_model, ema=ema)
+    model.train()
     optimizer = create_optimizer(raw_model, args)
     use_scaler = device.type == "cuda" and args.mixed_precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if device.type == "cuda" else None
@@ -277,15 +304,19 @@ def main(args):
     step, epoch, step_in_epoch = 0, 0, 0
     resume_path, ckpt = args.gpt_ckpt, None
     if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
+        ckpt = None if Path(resume_path).is_dir() else load_checkpoint(resume_path)  # a folder: sharded
     elif args.auto_resume:
         resume_path, ckpt = find_resume_checkpoint(checkpoint_dir, logger)
     if resume_path:
-        if is_training_state(ckpt):
-            load_state_dict_strict(raw_model, ckpt["model"], context=resume_path)
-            if ema is not None:
-                load_state_dict_strict(ema, ckpt.get("ema", ckpt["model"]), context=f"{resume_path} [ema]")
-            optimizer.load_state_dict(ckpt["optimizer"])
+        sharded = ckpt is None
+        if sharded:  # DCP folder (any number of processes saved it): straight into the plain or sharded model
+            ckpt = load_sharded(resume_path, raw_model, optimizer, ema)
+        if sharded or is_training_state(ckpt):
+            if not sharded:
+                load_full_state_dict(raw_model, ckpt["model"], context=str(resume_path))
+                if ema is not None:
+                    load_full_state_dict(ema, ckpt.get("ema", ckpt["model"]), context=f"{resume_path} [ema]")
+                load_full_optimizer_state(raw_model, optimizer, ckpt["optimizer"])
             if scaler is not None and "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
             step = int(ckpt["steps"])
@@ -296,22 +327,11 @@ def main(args):
             logger.info(f"resumed from {resume_path}: step {step}, epoch {epoch}, step {step_in_epoch} of {steps_per_epoch} in the epoch")
         else:  # weights only: fine-tune from step 0
             sd, where = extract_state_dict(ckpt, prefer=("model", "ema", "state_dict", "module"))
-            load_state_dict_strict(raw_model, sd, context=f"{resume_path} [{where or 'plain'}]")
+            load_full_state_dict(raw_model, sd, context=f"{resume_path} [{where or 'plain'}]")
             if ema is not None:
-                ema.load_state_dict(raw_model.state_dict())
+                load_full_state_dict(ema, sd)
             logger.info(f"initialised weights from {resume_path} [{where or 'plain'}]; training starts at step 0")
         del ckpt
-
-    # Wrap for training: compile (GPU only) and DDP. Checkpoints are always saved from raw_model.
-    model = raw_model
-    if not args.no_compile and device.type == "cuda":
-        logger.info("compiling the model (the first steps take longer)")
-        model = torch.compile(model)
-    elif not args.no_compile:
-        logger.info("torch.compile skipped on CPU (compile time would dominate); pass --no-compile to silence this")
-    if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    model.train()
 
     writer = None
     if rank == 0 and not args.no_tensorboard:
@@ -320,10 +340,26 @@ def main(args):
         writer = SummaryWriter(str(experiment_dir / "tensorboard"))
 
     def save(name: str):
+        """ddp: one file `name` with everything. fsdp/hsdp: the training state as the DCP folder NNNNNNN/
+        (every rank writes its shards); for latest.pt also the consolidated weights + EMA (no optimizer)."""
         rng_states = gather_rng_states(device)
-        if rank == 0 and not args.no_local_save:
-            ckpt = make_checkpoint(raw_model, ema, optimizer, scaler, args, step, epoch, step_in_epoch, schedule,
-                                   sampler, rng_states, train_set.label_names, world_size)
+        if args.no_local_save:
+            return
+        sharded = args.data_parallel != "ddp"
+        state = (scaler, args, step, epoch, step_in_epoch, schedule, sampler, rng_states, train_set.label_names, world_size)
+        if sharded:
+            path = save_sharded(checkpoint_dir / f"{step:07d}", raw_model, optimizer, ema,
+                                make_checkpoint(raw_model, None, None, None, *state))
+            logger.info(f"saved {path}")
+            for old in prune_sharded(checkpoint_dir, args.keep_last):
+                logger.info(f"removed {old} (--keep-last {args.keep_last})")
+            if name != "latest.pt":
+                return
+        gather = sharded or rank == 0  # a collective for a sharded model; rank 0 gets the tensors
+        weights = full_state_dict(raw_model) if gather else None
+        ema_weights = full_state_dict(ema) if gather and ema is not None else None
+        if rank == 0:
+            ckpt = make_checkpoint(raw_model, weights, ema_weights, None if sharded else optimizer.state_dict(), *state)
             path = checkpoint_dir / name
             atomic_save(ckpt, path)
             logger.info(f"saved {path}")
@@ -357,7 +393,7 @@ def main(args):
                 x, y = next(batches)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, K, L], [b]
                 sync = micro == accum - 1 or world_size == 1
-                with (contextlib.nullcontext() if sync else model.no_sync()), autocast_context(device, args.mixed_precision):
+                with gradient_sync(model, sync), autocast_context(device, args.mixed_precision):
                     _, loss = model(x[:, :, :-1], y, targets=x)
                     loss = loss / accum
                 (scaler.scale(loss) if use_scaler else loss).backward()
@@ -478,6 +514,13 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixed-precision", type=str, default="bf16", choices=["none", "fp16", "bf16"],
                    help="autocast dtype on GPU (CPU runs in float32)")
     g.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (compile is used on GPU only)")
+    g.add_argument("--data-parallel", type=str, default="ddp", choices=DATA_PARALLEL,
+                   help="ddp: full weights, gradients and optimizer state on every process; fsdp: all three split over "
+                        "the processes (FSDP2, per transformer block; bf16 compute with fp32 master weights on GPU); "
+                        "hsdp: split within a node, replicated across nodes. fsdp/hsdp save the training state as "
+                        "sharded folders checkpoints/NNNNNNN/ that resume on any number of processes")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each transformer block's activations in the backward pass (less memory, ~30%% more compute)")
     g.add_argument("--global-seed", type=int, default=0, help="seed of the initial weights, the data order and dropout")
 
     g = parser.add_argument_group("checkpoints and logging")
