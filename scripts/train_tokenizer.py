@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from datasets.image_dataset import ImageDataset
 from datasets.metadata import filter_split, read_metadata
+from evaluation.metrics import psnr, ssim
 from models.checkpoint import load_checkpoint, load_state_dict_strict, state_dict_to_cpu
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
@@ -193,28 +194,23 @@ def restart_dead_codes(model: MedITok, x: torch.Tensor, threshold: float, seed: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation: PSNR / SSIM (torchmetrics), code usage and perplexity, a reconstruction grid
+# Validation: PSNR / SSIM (evaluation.metrics), code usage and perplexity, a reconstruction grid
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(model: MedITok, images: torch.Tensor, args, device, autocast) -> tuple[dict, torch.Tensor]:
     """Metrics over `images` [N, C, S, S] in [-1, 1] and the reconstructions of the first few."""
-    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-
     was_training = model.training
     model.eval()
-    psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="none", dim=(1, 2, 3)).to(device)
-    ssim = StructuralSimilarityIndexMeasure(data_range=1.0).to(device)
     K, V = model.num_codebooks, model.codebook_size
     counts = torch.zeros(K, V, device=device)
-    psnrs, first = [], None
+    psnrs, ssims, first = [], [], None
     for i in range(0, len(images), args.batch_size):
         x = images[i:i + args.batch_size].to(device)
         with autocast():
             idx = model.img_to_idx(x)  # [b, K, L]
             rec = model.idx_to_img(idx).float()  # [b, C, S, S] in [-1, 1]
-        a, b = (rec + 1) / 2, (x + 1) / 2
-        psnrs.append(psnr(a, b))
-        ssim.update(a, b)
+        psnrs.append(psnr(rec, x, (-1, 1)))  # [b]
+        ssims.append(ssim(rec, x, (-1, 1)))  # [b]
         for k in range(K):
             counts[k] += idx[:, k].flatten().bincount(minlength=V).float()
         first = rec[: args.grid_images].cpu() if first is None else first
@@ -223,7 +219,7 @@ def evaluate(model: MedITok, images: torch.Tensor, args, device, autocast) -> tu
     entropy = -(prob * prob.clamp_min(1e-12).log()).sum(1)  # [K]
     metrics = {
         "psnr": torch.cat(psnrs).mean().item(),
-        "ssim": ssim.compute().item(),
+        "ssim": torch.cat(ssims).mean().item(),
         "usage": (counts > 0).float().mean(1).cpu(),  # [K] fraction of each codebook used on val
         "perplexity": entropy.exp().cpu(),  # [K]
     }

@@ -101,3 +101,79 @@ def test_bad_input_is_refused_with_a_clear_message():
         metrics.fid(np.full((4, 2), np.nan), np.zeros((4, 2)))
     with pytest.raises(ValueError, match="k=10"):
         metrics.knn_radii(np.zeros((5, 2)), k=10)
+
+
+def test_precision_recall_known_answers():
+    # identical sets: every point lies on its own ball's centre -> 1 and 1
+    x = gaussian(40, 3, 21)
+    assert metrics.precision_recall(x, x.copy(), k=3) == {"precision": 1.0, "recall": 1.0}
+    # a hand-computed case on a line: real at 0, 1, 3, 7 with k = 1 -> radii 1, 1, 2, 4 (balls [-1, 1],
+    # [0, 2], [1, 5], [3, 11]); fake at 0.5, 5.5, 12, 20 -> radii 5, 5, 6.5, 8 (balls [-4.5, 5.5],
+    # [0.5, 10.5], [5.5, 18.5], [12, 28]).
+    real = np.array([[0.0], [1.0], [3.0], [7.0]])
+    fake = np.array([[0.5], [5.5], [12.0], [20.0]])
+    assert metrics.knn_radii(real, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
+    assert metrics.manifold_coverage(real, fake, 1).tolist() == [True, True, False, False]
+    assert metrics.manifold_coverage(fake, real, 1).tolist() == [True, True, True, True]
+    assert metrics.precision_recall(real, fake, k=1) == {"precision": 0.5, "recall": 1.0}
+    # k = 2: real radii 3, 2, 3, 6 -> the ball [1, 13] of 7 now holds 12 as well
+    assert metrics.precision_recall(real, fake, k=2)["precision"] == 0.75
+
+
+def test_near_duplicate_reference_shrinks_the_k_nn_balls():
+    """Why a reference of consecutive slices/frames gives precision ~0 at small k: each point's k nearest
+    neighbours are its own near-copies, so the balls are tiny and even new real data falls outside them."""
+    rng = np.random.default_rng(3)
+    centres = rng.normal(size=(30, 8))
+    train = np.repeat(centres, 4, axis=0) + rng.normal(scale=1e-3, size=(120, 8))  # 4 near-copies each
+    held = centres + rng.normal(scale=0.3, size=(30, 8))  # new data from around the same points
+    assert metrics.precision_recall(train, held, k=3)["precision"] == 0.0  # radii: near-copy distances
+    assert metrics.precision_recall(train, held, k=8)["precision"] > 0.5  # radii reach other centres
+
+
+def test_psnr_is_ten_log10_range_squared_over_mse():
+    target = torch.full((2, 3, 8, 8), -1.0)
+    target[1] = 0.5
+    pred = target.clone()
+    pred[0] += 0.2  # [-1, 1] images, range 2: MSE 0.04 -> 10 log10(4 / 0.04) = 20 dB
+    pred[1, :, :4] += 0.1  # half the pixels off by 0.1: MSE 0.005 -> 10 log10(4 / 0.005) = 29.03 dB
+    expected = [10 * np.log10(2.0 ** 2 / 0.04), 10 * np.log10(2.0 ** 2 / 0.005)]
+    assert metrics.psnr(pred, target, (-1, 1)).tolist() == pytest.approx(expected, abs=1e-4)
+    # the same images stored in [0, 255]: the same decibels
+    as_bytes = lambda x: (x + 1) * 127.5  # noqa: E731
+    assert metrics.psnr(as_bytes(pred), as_bytes(target), (0, 255)).tolist() == pytest.approx(expected, abs=1e-4)
+    # a wrong data range is off by 20 log10(2) = 6.02 dB: this test would catch it
+    assert abs(metrics.psnr(pred, target, (0, 1))[0].item() - expected[0]) > 1  # (values clamp, too)
+
+
+def _ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """SSIM of two 2-D images in [0, 1] from its definition (Wang et al. 2004): Gaussian-weighted local
+    means, variances and covariance (sigma 1.5, 11 taps), C1 = 0.01^2, C2 = 0.03^2; borders mirrored and
+    the map averaged over every pixel (the torchmetrics convention; the original MATLAB code averages
+    only positions whose window lies inside, which differs in the third decimal on small images)."""
+    import scipy.ndimage
+
+    def blur(x):
+        return scipy.ndimage.gaussian_filter(x, sigma=1.5, truncate=5 / 1.5, mode="mirror")
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    return float(s.mean())
+
+
+def test_ssim_known_values():
+    # constant images: only the luminance term is left, (2ab + C1) / (a^2 + b^2 + C1) on [0, 1]
+    a, b = torch.full((1, 1, 16, 16), -0.5), torch.full((1, 1, 16, 16), 0.5)  # 0.25 and 0.75 on [0, 1]
+    c1 = 0.01 ** 2
+    expected = (2 * 0.25 * 0.75 + c1) / (0.25 ** 2 + 0.75 ** 2 + c1)
+    assert metrics.ssim(a, b, (-1, 1)).item() == pytest.approx(expected, abs=1e-4)  # 0.600; on [-1, 1] it is -1
+    # a textured pair against the definition
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 32))
+    y = np.clip(x + rng.normal(scale=0.1, size=(32, 32)), 0, 1)
+    ours = metrics.ssim(torch.tensor(y)[None, None] * 2 - 1, torch.tensor(x)[None, None] * 2 - 1, (-1, 1)).item()
+    assert ours == pytest.approx(_ssim_reference(y, x), abs=1e-6)
+    assert metrics.ssim(torch.tensor(x)[None, None], torch.tensor(x)[None, None], (0, 1)).item() == pytest.approx(1.0)
