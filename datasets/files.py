@@ -137,6 +137,11 @@ class FolderLock:
         self._fd = fd
         return self
 
+    def fileno(self) -> int | None:
+        """The lock file's descriptor. A forked child (e.g. a DataLoader worker) holds the lock with its
+        copy of it, even after this process dies, until the child closes that copy."""
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

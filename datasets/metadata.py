@@ -23,6 +23,7 @@ from datasets.files import atomic_write_text
 
 FORMATS = (".csv", ".jsonl", ".json")
 REQUIRED = ("identifier",)
+INT64_LIMIT = 2 ** 63
 
 
 class MetadataError(ValueError):
@@ -36,15 +37,82 @@ def metadata_format(path: str | os.PathLike) -> str:
     return suffix
 
 
-def _clean(value: Any) -> Any:
-    # csv gives '' for empty cells and pandas-written files may hold 'nan'; both mean "absent".
+# Columns whose values are paths, numbers or names: here pandas' 'nan' / 'None' / 'null' mean "absent".
+# Every other column is free text and keeps such words as written; an empty cell is absent everywhere.
+STRUCTURED = ("identifier", "code_identifier", "label", "split", "root_dir", "slice_index", "slice_axis", "window")
+
+
+def _clean(key: str, value: Any) -> Any:
     if value is None:
         return None
     if isinstance(value, float) and math.isnan(value):
         return None
-    if isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null"):
-        return None
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "" or (key in STRUCTURED and text in ("nan", "none", "null")):
+            return None
     return value
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """UTF-8 (with or without BOM) or UTF-16 with a BOM; anything else is an error naming the line."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise MetadataError(f"{path}: not valid UTF-16 ({e.reason})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise MetadataError(f"{path}:{line}: byte {data[e.start:e.start + 1]!r} is not UTF-8 "
+                            "(save the file as UTF-8, e.g. from latin-1 or cp1252)") from None
+
+
+def _read_csv(path: Path, text: str) -> list[dict]:
+    # strict: an unbalanced quote is an error instead of swallowing the rest of the file into one cell
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    rows: list[dict] = []
+    header = None
+    line = 0  # last line of the previous record
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            what = "an unbalanced quote" if "end of data" in str(e) or "expected" in str(e) else "malformed csv"
+            raise MetadataError(f"{path}:{line + 1}: {what} in the record starting here ({e})") from None
+        start, line = line + 1, reader.line_num
+        if header is None:
+            if not record:
+                continue
+            header = record
+            dups = sorted({c for c in header if header.count(c) > 1})
+            if dups:
+                raise MetadataError(f"{path}:{start}: duplicate column {dups[0]!r} in the header {header}")
+            continue
+        if not record:
+            continue
+        if len(record) > len(header):
+            raise MetadataError(f"{path}:{start}: more cells than header columns ({header})")
+        rec = dict(zip(header, record + [""] * (len(header) - len(record))))
+        rows.append({**{k: _clean(k, v) for k, v in rec.items()}, "_line": start})
+    if header is None:
+        raise MetadataError(f"{path}: empty csv file (no header line)")
+    return rows
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    dups = sorted({k for k in keys if keys.count(k) > 1})
+    if dups:
+        raise ValueError(f"duplicate key {dups[0]!r}")
+    return dict(pairs)
+
+
+def _json(text: str):
+    return json.loads(text, object_pairs_hook=_no_duplicate_keys)
 
 
 def read_metadata(path: str | os.PathLike, required: Iterable[str] = REQUIRED) -> list[dict]:
@@ -53,39 +121,36 @@ def read_metadata(path: str | os.PathLike, required: Iterable[str] = REQUIRED) -
     fmt = metadata_format(path)
     if not path.is_file():
         raise MetadataError(f"metadata file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    text = _decode(path, path.read_bytes())
     rows: list[dict] = []
     if fmt == ".csv":
-        reader = csv.DictReader(io.StringIO(text))
-        if reader.fieldnames is None:
-            raise MetadataError(f"{path}: empty csv file (no header line)")
-        for i, rec in enumerate(reader):
-            line = reader.line_num
-            if None in rec:
-                raise MetadataError(f"{path}:{line}: more cells than header columns ({reader.fieldnames})")
-            rows.append({**{k: _clean(v) for k, v in rec.items()}, "_line": line})
+        rows = _read_csv(path, text)
     elif fmt == ".jsonl":
         for line, raw in enumerate(text.splitlines(), start=1):
             if not raw.strip():
                 continue
             try:
-                rec = json.loads(raw)
+                rec = _json(raw)
             except json.JSONDecodeError as e:
                 raise MetadataError(f"{path}:{line}: invalid JSON ({e.msg} at column {e.colno})") from e
+            except ValueError as e:
+                raise MetadataError(f"{path}:{line}: {e}") from None
             if not isinstance(rec, dict):
                 raise MetadataError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}")
-            rows.append({**{k: _clean(v) for k, v in rec.items()}, "_line": line})
+            rows.append({**{k: _clean(k, v) for k, v in rec.items()}, "_line": line})
     else:
         try:
-            data = json.loads(text)
+            data = _json(text)
         except json.JSONDecodeError as e:
             raise MetadataError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+        except ValueError as e:
+            raise MetadataError(f"{path}: {e} in an object") from None
         if not isinstance(data, list):
             raise MetadataError(f"{path}: a .json metadata file must hold an array of objects")
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
                 raise MetadataError(f"{path}: element {i} is a {type(rec).__name__}, expected an object")
-            rows.append({**{k: _clean(v) for k, v in rec.items()}, "_line": i + 1})
+            rows.append({**{k: _clean(k, v) for k, v in rec.items()}, "_line": i + 1})
     for row in rows:
         for col in required:
             if row.get(col) is None:
@@ -102,6 +167,8 @@ def row_where(row: dict, path: str | os.PathLike | None = None) -> str:
 def whole_number(value) -> int:
     """A metadata value that must be an integer: 3, "3", "3.0" or 3.0 -> 3; anything else raises ValueError
     (csv cells are strings, and pandas-written files turn integer columns with gaps into floats)."""
+    if isinstance(value, bool):  # JSON true/false would otherwise pass as 1/0
+        raise ValueError(f"{value!r} is not an integer")
     try:
         as_float = float(value)
     except (TypeError, ValueError):
@@ -118,6 +185,8 @@ def parse_label(row: dict, num_classes: int | None = None, path: str | os.PathLi
         label = whole_number(value)
     except ValueError:
         raise MetadataError(f"{row_where(row, path)}: label {value!r} is not an integer") from None
+    if label >= INT64_LIMIT:  # a label tensor is int64: a larger one would abort a whole batch later
+        raise MetadataError(f"{row_where(row, path)}: label {value!r} does not fit a 64-bit integer")
     if label < 0 or (num_classes is not None and label >= num_classes):
         raise MetadataError(f"{row_where(row, path)}: label {label} is outside [0, {num_classes})")
     return label

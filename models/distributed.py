@@ -2,6 +2,7 @@
 GPT training and sampling). One process without torchrun; NCCL on GPUs, gloo on CPUs under torchrun."""
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 from pathlib import Path
@@ -10,15 +11,17 @@ import torch
 import torch.distributed as dist
 
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; without them we run in one process."""
+def setup_distributed(timeout: datetime.timedelta | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; without them we run in one process.
+    `timeout`: how long a collective (e.g. a barrier where ranks wait for the slowest) may block;
+    None keeps torch's default."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
             return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
         return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -84,7 +84,6 @@ def bad_rows(root: Path) -> list[dict]:
         {"identifier": "a/img.jpg", "label": 7, "split": "train"},  # label out of range
         {"identifier": "../outside.png", "label": 0, "split": "train"},
         {"identifier": "anat.nii", "label": 0, "split": "train"},  # a volume without slice_index
-        {"identifier": "a/img.png", "label": 0, "split": "train"},  # would overwrite a/img.jpg's output
     ]
 
 
@@ -93,6 +92,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     good = good_rows(root)
     bad = bad_rows(root)
+    good.append({"identifier": "a/img.png", "label": 0, "split": "train"})  # same stem as a/img.jpg
     rows = good[:4] + bad[:3] + good[4:] + bad[3:]  # failures interleaved with successes
     meta = root / "meta.csv"
     write_metadata(rows, meta)
@@ -131,7 +131,8 @@ def test_codes_metadata_and_failures(tmp_path, tokenizer, data):
         assert saved.dtype == torch.int64 and saved.shape == (model.num_codebooks, 4, 4)
         assert torch.equal(saved, codes), w["identifier"]
     ids = [w["code_identifier"] for w in written]
-    assert "a/img.pt" in ids and "b/img.pt" in ids  # same file name in two folders: no collision
+    assert "b/img.pt" in ids  # same file name in two folders: no collision, the released name
+    assert "a/img.jpg.pt" in ids and "a/img.png.pt" in ids  # same stem in one folder: the extension is kept
     assert "emri_z0004.pt" in ids and "anat_y0020.pt" in ids
     assert any(i.startswith("_abs/") for i in ids)
     assert not (tmp_path / "outside.pt").exists() and not (out.parent / "outside.pt").exists()
@@ -140,7 +141,7 @@ def test_codes_metadata_and_failures(tmp_path, tokenizer, data):
     assert [f["identifier"] for f in failures] == [b["identifier"] for b in bad]
     reasons = " | ".join(f["reason"] for f in failures)
     for needle in ("file not found", "trunc.png: could not read", "unsupported pixel dtype complex64",
-                   "outside [0, 3)", "contains '..'", "needs a slice_index", "collides with line"):
+                   "outside [0, 3)", "contains '..'", "needs a slice_index"):
         assert needle in reasons
     assert all(isinstance(f["line"], int) and f["line"] > 1 for f in failures)
     assert not list(out.rglob("*.tmp"))
@@ -245,8 +246,12 @@ def test_sigkill_then_rerun_equals_clean_run(tmp_path, tokenizer, data):
     assert run(kmeta, killed, ckpt, "--infer_type", "latent", "--batch_size", "3") == 0
     assert run(kmeta, tmp_path / "clean", ckpt, "--infer_type", "latent", "--batch_size", "4") == 0
     assert (killed / "kill.jsonl").read_text() == (tmp_path / "clean" / "kill.jsonl").read_text()
-    names = sorted(p.relative_to(killed) for p in killed.rglob("*") if p.is_file())
-    assert names == sorted(p.relative_to(tmp_path / "clean") for p in (tmp_path / "clean").rglob("*") if p.is_file())
+    def outputs(folder):  # every file but the run's own bookkeeping (journals, lock)
+        return sorted(p.relative_to(folder) for p in folder.rglob("*")
+                      if p.is_file() and batch_infer.STATE_DIR not in p.relative_to(folder).parts)
+
+    names = outputs(killed)
+    assert names == outputs(tmp_path / "clean")
     for name in names:
         if name.suffix == ".pt":
             assert torch.equal(load_checkpoint(killed / name), load_checkpoint(tmp_path / "clean" / name)), name
@@ -270,4 +275,9 @@ def test_torchrun_two_processes_equal_one(tmp_path, tokenizer, data):
     for row in read_metadata(out2 / "meta.csv"):
         assert torch.equal(load_checkpoint(out2 / row["code_identifier"]),
                            load_checkpoint(tmp_path / "one" / row["code_identifier"]))
-    assert not (out2 / batch_infer.PARTS_DIR).exists()
+    assert not (out2 / batch_infer.STATE_DIR / "parts").exists()
+    # each rank tokenized its own share: disjoint, together every distinct input once
+    shares = [{r["name"] for r in batch_infer.read_jsonl(out2 / batch_infer.STATE_DIR / f"done.rank{k}.jsonl")}
+              for k in range(2)]
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == {r["code_identifier"] for r in read_metadata(out2 / "meta.csv")}

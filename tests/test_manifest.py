@@ -125,9 +125,6 @@ def test_preprocessing_options_reproduce_the_settings(tmp_path):
     m = read_manifest(write_manifest(tmp_path / "codes", m))  # through JSON: tuples become lists
     opts = preprocessing_options(m)
     assert opts["value_range"] == (0.0, 1.0) and opts["channels"] == 3 and opts["max_pixels"] == 10_000
-    import inspect
-    if "max_pixels" not in inspect.signature(ImageDataset).parameters:  # TODO(H1): drop once readers cap pixels
-        pytest.skip("ImageDataset has no max_pixels parameter yet")
     got = ImageDataset(rows, meta_path=tmp_path / "m.csv", **opts)[0]["image"]
     # the reference: the 40,400 window (level 40, width 400) applied by hand, then a centre crop, resize
     win = np.clip((arr.astype(np.float32) - (40 - 200)) / 400, 0, 1)

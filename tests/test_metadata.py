@@ -68,3 +68,61 @@ def test_resolve_path_precedence(tmp_path):
     assert resolve_path("x.png", {"root_dir": "imgs"}, meta) == tmp_path / "m" / "imgs" / "x.png"
     assert resolve_path("x.png", {"root_dir": "imgs"}, meta, dataset_dir=tmp_path / "d") == tmp_path / "d" / "x.png"
     assert resolve_path("/abs/x.png", {}, meta, dataset_dir=tmp_path) == type(meta)("/abs/x.png")
+
+
+# ---- hostile metadata (issue 14.11): each error names the file and line, or the value is kept ----
+def test_non_utf8_metadata_names_file_and_line(tmp_path):
+    p = tmp_path / "latin1.csv"
+    p.write_bytes("identifier,label_name\na.png,ok\nb.png,Gew\xe4be\n".encode("latin-1"))
+    with pytest.raises(MetadataError, match=r"latin1.csv:3: .*UTF-8"):
+        read_metadata(p)
+    p = tmp_path / "utf16.csv"  # Excel's "Unicode text": UTF-16 with a byte-order mark reads as is
+    p.write_bytes("identifier,label_name\na.png,Gewäbe\n".encode("utf-16"))
+    assert read_metadata(p)[0]["label_name"] == "Gewäbe"
+
+
+def test_huge_csv_field_names_the_line(tmp_path):
+    p = tmp_path / "big.csv"
+    p.write_text("identifier,report\na.png,short\nb.png," + "x" * 200_000 + "\n")
+    with pytest.raises(MetadataError, match=r"big.csv:3: .*field"):
+        read_metadata(p)
+
+
+def test_duplicate_column_is_refused(tmp_path):
+    p = tmp_path / "dup.csv"
+    p.write_text("identifier,label,label\na.png,0,1\n")
+    with pytest.raises(MetadataError, match=r"dup.csv:1: .*'label'"):
+        read_metadata(p)
+
+
+def test_unbalanced_quote_names_the_record(tmp_path):
+    p = tmp_path / "quote.csv"
+    p.write_text('identifier,note\na.png,fine\nb.png,"oops\nc.png,x\nd.png,y\n')
+    with pytest.raises(MetadataError, match=r"quote.csv:3: .*quote"):
+        read_metadata(p)
+
+
+@pytest.mark.parametrize("ext", [".csv", ".jsonl", ".json"])
+def test_none_and_null_strings_in_free_text_are_kept(tmp_path, ext):
+    rows = [{"identifier": "a.png", "label": 0, "label_name": "None", "note": "null", "code_identifier": ""}]
+    path = tmp_path / f"m{ext}"
+    write_metadata(rows, path)
+    (row,) = read_metadata(path)
+    assert row["label_name"] == "None" and row["note"] == "null"  # kept as written
+    assert row["code_identifier"] is None  # an empty known column is absent
+    out = tmp_path / f"o{ext}"
+    write_metadata([row], out)
+    assert read_metadata(out)[0]["note"] == "null"
+
+
+@pytest.mark.parametrize("label", [1e30, True, "true", -(2 ** 70)])
+def test_labels_beyond_int64_or_booleans_are_refused(label):
+    with pytest.raises(MetadataError, match="label"):
+        parse_label({"identifier": "a.png", "label": label, "_line": 4})
+
+
+def test_duplicate_json_key_is_refused(tmp_path):
+    p = tmp_path / "dup.jsonl"
+    p.write_text('{"identifier": "a.png", "label": 0}\n{"identifier": "b.png", "label": 0, "label": 1}\n')
+    with pytest.raises(MetadataError, match=r"dup.jsonl:2: .*'label'"):
+        read_metadata(p)
