@@ -29,7 +29,7 @@ NUM_WORKERS=${NUM_WORKERS:-0}                    # data-loader workers (0: in th
 SEED=${SEED:-0}
 # tokenizer
 TOKENIZER_CONFIG=${TOKENIZER_CONFIG:-MedITok-Tiny}
-TOKENIZER_MINUTES=${TOKENIZER_MINUTES:-4}         # wall-clock training budget (the run stops and saves); 5 min gave 27.0 dB
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-1100}          # a fixed amount of work (not a time budget): same result on any machine
 TOKENIZER_EPOCHS=${TOKENIZER_EPOCHS:-40}
 TOKENIZER_BATCH_SIZE=${TOKENIZER_BATCH_SIZE:-16}
 TOKENIZER_LR=${TOKENIZER_LR:-2e-3}
@@ -93,11 +93,11 @@ stage() {
 stage 1_data "build the real-image dataset in $DATA_DIR" \
     python -m datasets.demo --out "$DATA_DIR" --image_size "$DATA_IMAGE_SIZE"
 
-stage 2_tokenizer "train $TOKENIZER_CONFIG at ${IMAGE_SIZE}px for $TOKENIZER_MINUTES min" \
+stage 2_tokenizer "train $TOKENIZER_CONFIG at ${IMAGE_SIZE}px for $TOKENIZER_STEPS steps" \
     env TRAIN_DATA="$DATA_DIR/metadata.csv" VAL_DATA="$DATA_DIR/metadata.csv" OUT_DIR="$TOKENIZER_DIR" \
         CONFIG="$TOKENIZER_CONFIG" IMAGE_SIZE="$IMAGE_SIZE" BATCH_SIZE="$TOKENIZER_BATCH_SIZE" \
         EPOCHS="$TOKENIZER_EPOCHS" LR="$TOKENIZER_LR" NPROC_PER_NODE=1 \
-        EXTRA_ARGS="--max-minutes $TOKENIZER_MINUTES --seed $SEED $TOKENIZER_EXTRA_ARGS" \
+        EXTRA_ARGS="--max-steps $TOKENIZER_STEPS --seed $SEED $TOKENIZER_EXTRA_ARGS" \
     bash scripts/train_tokenizer.sh
 
 stage 3_tokenize "encode every image into codes in $CODE_DIR" \

@@ -16,7 +16,7 @@ STAGES = ["1_data", "2_tokenizer", "3_tokenize", "4_gpt", "5_sample", "6_classif
 
 def run_quickstart(out: Path) -> subprocess.CompletedProcess:
     env = dict(
-        os.environ, OUT=str(out), DATA_IMAGE_SIZE="32", IMAGE_SIZE="32", TOKENIZER_MINUTES="0.1",
+        os.environ, OUT=str(out), DATA_IMAGE_SIZE="32", IMAGE_SIZE="32", TOKENIZER_STEPS="6",
         TOKENIZER_EPOCHS="1", GPT_STEPS="3", GPT_BATCH_SIZE="8", SAMPLES_PER_CLASS="2", CLASSIFIER_EPOCHS="1",
         GRID_PER_CLASS="2", INFER_BATCH_SIZE="32",
     )
