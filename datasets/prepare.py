@@ -3,25 +3,35 @@
     python -m datasets.prepare medmnist --npz pathmnist.npz --output_dir data/pathmnist
     python -m datasets.prepare folder   --root data/xray --meta_path data/xray/metadata.csv --val_fraction 0.1
     python -m datasets.prepare volumes  --inputs ct/*.nii.gz --meta_path data/ct.jsonl --window abdomen
+    python -m datasets.prepare dicom    data/pacs_export --meta_path data/dicom.jsonl --val_fraction 0.1 \
+                                        --label_map CT=0,MR=1
+    python -m datasets.prepare check    data/dicom.jsonl --group_by PatientID
 
 medmnist: a MedMNIST / MedMNIST+ `.npz` (`train_images`, `train_labels`, `val_...`, `test_...`), any
     image size; 2-D images become PNG files, 3-D volumes ([N, D, H, W]) become `.npy` volumes with one
     row per slice. folder: one sub-folder per class (optionally under train/ val/ test/). volumes:
-    NIfTI / MetaImage / multi-frame DICOM / `.npy` volumes expanded into slice rows.
+    NIfTI / MetaImage / multi-frame DICOM / `.npy` volumes expanded into slice rows. dicom: a DICOM tree
+    (series folders, headers only) -> one row per slice or per series, with patient / study / series
+    columns. check: report groups (patients) that appear in more than one split.
+Splits of `folder` and `dicom` may be grouped (`--group_by`): every row of a group (a patient, a study, a
+sub-folder) lands in one split, and the fractions are met as closely as the group sizes allow.
 Identifiers are written relative to the metadata file's folder when they lie under it.
 """
 from __future__ import annotations
 
+import fnmatch
 import io
 import math
 import os
 import random
+import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
 
-from datasets.metadata import metadata_format, write_metadata
+from datasets.metadata import metadata_format, read_metadata, write_metadata
 from datasets.readers import FORMATS, ReadError, load_raw, parse_axis, parse_window, volume_shape
 from datasets.files import atomic_write_bytes, png_bytes
 from scripts.cli import ArgumentParser
@@ -78,6 +88,127 @@ def volume_rows(paths, meta_path: Path, axis: int, stride: int, min_foreground: 
                 row["label_name"] = label_name
             rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped splits and the leak check
+# ----------------------------------------------------------------------------------------------
+def group_function(spec: str, base: Callable[[dict], str] | None = None) -> Callable[[dict], str | None]:
+    """row -> group key. `spec` is a column name, or `re:PATTERN` searched in the row's path (`base(row)`,
+    default the identifier): the first capture group, else the whole match, is the key."""
+    if spec.startswith("re:"):
+        pattern = re.compile(spec[3:])
+        where = base or (lambda row: str(row.get("identifier", "")))
+
+        def by_pattern(row: dict) -> str | None:
+            m = pattern.search(where(row))
+            return None if m is None else (m.group(1) if pattern.groups else m.group(0))
+        return by_pattern
+
+    def by_column(row: dict) -> str | None:
+        value = row.get(spec)
+        return None if value is None or str(value).strip() == "" else str(value)
+    return by_column
+
+
+GROUP_SPLIT_TRIALS = 32
+
+
+def assign_group_splits(sizes: dict[str, int], preset: dict[str, str], val_fraction: float,
+                        test_fraction: float, seed: int) -> dict[str, str]:
+    """One split per group. Groups in `preset` keep theirs. The others are dealt in a seeded random order,
+    each to the split where it leaves the row counts closest to their targets (squared error); of
+    GROUP_SPLIT_TRIALS such orders the closest result is kept. No group spans two splits, and the
+    fractions are met as closely as the group sizes allow (not exactly: a patient is not cut in two)."""
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction <= 1):
+        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be >= 0 with sum <= 1")
+    total = sum(sizes.values())
+    target = {"train": total * (1 - val_fraction - test_fraction), "val": total * val_fraction,
+              "test": total * test_fraction}
+    start = dict.fromkeys(SPLITS, 0)
+    for group, split in preset.items():
+        start[split] += sizes[group]
+    free = sorted(g for g in sizes if g not in preset)
+    rng = random.Random(seed)
+
+    def error(count):
+        return sum((count[s] - target[s]) ** 2 for s in SPLITS)
+
+    best, best_error = None, math.inf
+    for _ in range(GROUP_SPLIT_TRIALS if free else 1):
+        order = free[:]
+        rng.shuffle(order)
+        count, chosen = dict(start), {}
+        for group in order:
+            n = sizes[group]
+            split = min(SPLITS, key=lambda s: error({**count, s: count[s] + n}))
+            chosen[group] = split
+            count[split] += n
+        if error(count) < best_error:
+            best, best_error = chosen, error(count)
+    return {**preset, **best}
+
+
+def grouped_splits(rows: list[dict], key: Callable[[dict], str | None], val_fraction: float, test_fraction: float,
+                   seed: int, what: str) -> None:
+    """Set `split` on rows that have none, one split per group; rows with a split keep it (and pull the
+    rest of their group along). Raises when a group has no key or its preset splits disagree."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        value = key(row)
+        if value is None:
+            raise ReadError(f"{row.get('identifier')}: no value for --group_by {what}; choose another grouping "
+                            "(e.g. StudyInstanceUID, or re:PATTERN on the path)")
+        groups.setdefault(value, []).append(row)
+    preset = {}
+    for group, members in groups.items():
+        given = sorted({r["split"] for r in members if r.get("split")})
+        if len(given) > 1:
+            raise ReadError(f"group {group!r} ({what}) already has rows in {given}: the existing split column "
+                            "leaks this group across splits; fix it or group differently")
+        if given:
+            preset[group] = given[0]
+    sizes = {g: len(m) for g, m in groups.items()}
+    chosen = assign_group_splits(sizes, preset, val_fraction, test_fraction, seed)
+    for group, members in groups.items():
+        for row in members:
+            row["split"] = chosen[group]
+
+
+def find_leaks(rows: list[dict], key: Callable[[dict], str | None]) -> tuple[dict[str, dict[str, int]], int]:
+    """({group: {split: rows}} for every group in more than one split, rows without a group key)."""
+    seen: dict[str, dict[str, int]] = {}
+    missing = 0
+    for row in rows:
+        group = key(row)
+        if group is None:
+            missing += 1
+            continue
+        split = str(row.get("split") or "train")
+        seen.setdefault(group, {}).setdefault(split, 0)
+        seen[group][split] += 1
+    return {g: c for g, c in seen.items() if len(c) > 1}, missing
+
+
+def leak_report(rows: list[dict], key, what: str, limit: int = 20) -> list[str]:
+    leaks, missing = find_leaks(rows, key)
+    groups = len({key(r) for r in rows} - {None})
+    lines = [f"{len(rows)} rows, {groups} groups by {what}: "
+             + (f"{len(leaks)} groups appear in more than one split" if leaks else "no group spans two splits")]
+    for group, counts in sorted(leaks.items())[:limit]:
+        lines.append(f"  LEAK {group}: " + ", ".join(f"{s} {n}" for s, n in sorted(counts.items())))
+    if len(leaks) > limit:
+        lines.append(f"  ... and {len(leaks) - limit} more")
+    if missing:
+        lines.append(f"  {missing} rows have no {what} (not checked)")
+    return lines
+
+
+def prepare_check(args) -> int:
+    rows = read_metadata(args.meta)
+    lines = leak_report(rows, group_function(args.group_by), args.group_by)
+    print(f"{args.meta}: " + "\n".join(lines))
+    return 1 if find_leaks(rows, group_function(args.group_by))[0] else 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,6 +306,21 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and not name.startswith(".") and any(name.endswith(ext) for ext in FORMATS)
 
 
+def folder_group(spec: str, root: Path) -> Callable[[dict], str | None]:
+    """Group of a `prepare folder` row: `subfolder` (the folder under the class folder, e.g. one per
+    patient; a file directly in the class folder is its own group) or `re:PATTERN` on the path below
+    the class folder."""
+    def below_class(row: dict) -> str:
+        return row["_relpath"]
+
+    if spec == "subfolder":
+        return lambda row: row["_relpath"].split("/")[0]
+    if spec.startswith("re:"):
+        return group_function(spec, below_class)
+    raise ValueError(f"--group_by {spec!r}: use 'subfolder' or 're:PATTERN' (a regular expression on the path "
+                     "below the class folder; its first group names the patient)")
+
+
 def prepare_folder(args) -> list[dict]:
     root, meta_path = Path(args.root), Path(args.meta_path)
     if not root.is_dir():
@@ -184,12 +330,14 @@ def prepare_folder(args) -> list[dict]:
     classes = sorted({d.name for top, _ in tops for d in top.iterdir() if d.is_dir()})
     if not classes:
         raise ReadError(f"{root}: no class sub-folders found")
+    group = folder_group(args.group_by, root) if args.group_by else None
     rng = random.Random(args.seed)
     rows = []
     for top, split in tops:
         for label, cls in enumerate(classes):
             files = sorted(p for p in (top / cls).rglob("*") if is_image_file(p)) if (top / cls).is_dir() else []
-            if split is None:
+            assigned = {}
+            if split is None and group is None:  # per file, stratified by class
                 shuffled = files[:]
                 rng.shuffle(shuffled)
                 n_val = round(len(files) * args.val_fraction)
@@ -197,15 +345,26 @@ def prepare_folder(args) -> list[dict]:
                 assigned = {p: "val" for p in shuffled[:n_val]}
                 assigned.update({p: "test" for p in shuffled[n_val:n_val + n_test]})
             for path in files:
-                sp = split or assigned.get(path, "train")
+                sp = split or assigned.get(path) or (None if group is not None else "train")
+                extra = {"_relpath": path.relative_to(top / cls).as_posix()}
                 if args.expand_volumes and volume_shape(path) is not None:
-                    rows += volume_rows([path], meta_path, parse_axis(args.slice_axis), args.slice_stride,
-                                        args.min_foreground, label, cls, 0.0, 0.0, sp)
+                    new = volume_rows([path], meta_path, parse_axis(args.slice_axis), args.slice_stride,
+                                      args.min_foreground, label, cls, 0.0, 0.0, sp or "train")
+                    for row in new:
+                        row.update(extra, split=sp)
+                    rows += new
                 else:
                     rows.append({"identifier": relative_identifier(path, meta_path), "label": label,
-                                 "split": sp, "label_name": cls})
+                                 "split": sp, "label_name": cls, **extra})
     if not rows:
         raise ReadError(f"{root}: no readable image files under the class folders {classes}")
+    if group is not None:
+        # groups are global: the same patient under two classes is still one patient
+        grouped_splits(rows, group, args.val_fraction, args.test_fraction, args.seed, args.group_by)
+        for line in leak_report(rows, group, args.group_by):
+            print(line)
+    for row in rows:
+        row.pop("_relpath", None)
     write_metadata(rows, meta_path)
     return rows
 
@@ -230,7 +389,137 @@ def prepare_volumes(args) -> list[dict]:
     return rows
 
 
-def main(args) -> None:
+# ----------------------------------------------------------------------------------------------
+# dicom
+# ----------------------------------------------------------------------------------------------
+DICOM_COLUMNS = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesDescription")
+
+
+def scan_dicom_tree(root: Path) -> list[tuple[Path, "dicom.Series"]]:
+    """(folder, series) for every series of every folder under `root`; headers only, with a progress bar."""
+    from datasets import dicom
+
+    files = [p for folder, _, _ in sorted(os.walk(root)) for p in dicom.folder_files(Path(folder))]
+    by_folder: dict[Path, list] = {}
+    for path in tqdm(files, desc="DICOM headers", unit="file"):
+        header = dicom.read_header(path)
+        if header is not None:
+            by_folder.setdefault(path.parent, []).append(header)
+    return [(folder, series) for folder, headers in sorted(by_folder.items())
+            for series in sorted(dicom.group_series(headers).values(), key=lambda s: s.uid)]
+
+
+def parse_label_map(text: str) -> list[tuple[str, int, str]]:
+    """'CT=0,MR=1' or '*T1*=0:t1,*T2*=1:t2' -> [(key, label, label_name)]."""
+    out = []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, sep, value = item.rpartition("=")
+        label, _, name = value.partition(":")
+        try:
+            out.append((key.strip(), int(label), name.strip() or key.strip().strip("*")))
+        except ValueError:
+            raise ValueError(f"--label_map item {item!r} is not KEY=LABEL or KEY=LABEL:NAME") from None
+        if not sep or not key.strip():
+            raise ValueError(f"--label_map item {item!r} is not KEY=LABEL or KEY=LABEL:NAME")
+    return out
+
+
+def dicom_labeller(args) -> Callable[[dict], tuple[int, str | None] | None] | None:
+    """row (with the DICOM columns) -> (label, label_name), None when unmatched; None without a mapping."""
+    if args.label_csv:
+        table = {}
+        for rec in read_metadata(args.label_csv, required=(args.label_key, "label")):
+            table[str(rec[args.label_key])] = (int(rec["label"]), rec.get("label_name"))
+        return lambda row: table.get(str(row.get(args.label_key)))
+    if not args.label_map:
+        return None
+    mapping = parse_label_map(args.label_map)
+    if args.label_by == "description":  # shell-style patterns, case-insensitive, first match wins
+        def by_description(row):
+            text = str(row.get("SeriesDescription") or "").lower()
+            return next(((lab, name) for key, lab, name in mapping if fnmatch.fnmatchcase(text, key.lower())), None)
+        return by_description
+    exact = {key.upper(): (lab, name) for key, lab, name in mapping}
+    return lambda row: exact.get(str(row.get("Modality") or "").upper())
+
+
+def default_dicom_group(rows: list[dict]) -> str:
+    for column in ("PatientID", "StudyInstanceUID"):
+        if rows and all(str(r.get(column) or "").strip() for r in rows):
+            return column
+    return "SeriesInstanceUID"
+
+
+def prepare_dicom(args) -> list[dict]:
+    root, meta_path = Path(args.root), Path(args.meta_path)
+    if not root.is_dir():
+        raise ReadError(f"{root}: not a folder")
+    if args.slice_step < 1:
+        raise ValueError(f"--slice_step must be >= 1, got {args.slice_step}")
+    if args.window is not None:
+        parse_window(args.window)
+    labeller = dicom_labeller(args)
+    rows, skipped, unlabelled = [], [], 0
+    for folder, series in scan_dicom_tree(root):
+        first = series.slices[0]
+        info = {"PatientID": first.patient_id, "StudyInstanceUID": first.study_uid, "SeriesInstanceUID": series.uid,
+                "Modality": first.modality, "SeriesDescription": first.description}
+        if series.problem:
+            skipped.append(f"{folder}: {series.summary()}: {series.problem}")
+            continue
+        n = series.num_slices
+        if series.multiframe or n == 1:  # one file: a radiograph, or the frames of a clip / enhanced volume
+            identifier, extra = relative_identifier(first.path, meta_path), {}
+        else:  # a series folder; the uid picks the series where the folder holds several
+            identifier, extra = relative_identifier(folder, meta_path), {}
+        if n == 1:
+            indices = [None]
+        elif args.per == "series":
+            indices = [n // 2]  # one representative (middle) slice per series
+        else:
+            indices = list(range(0, n, args.slice_step))
+        base = {"identifier": identifier, **extra}
+        label = None
+        if labeller is not None:
+            label = labeller(info)
+            if label is None:
+                unlabelled += 1
+                if args.unlabelled == "drop":
+                    continue
+        for k in indices:
+            row = dict(base)
+            if label is not None:
+                row["label"], row["label_name"] = label[0], label[1]
+            if k is not None:
+                row["slice_index"] = k
+            row.update(info)
+            if args.per == "series":
+                row["num_slices"] = n
+            if args.window is not None:
+                row["window"] = args.window
+            rows.append(row)
+    for line in skipped[:20]:
+        print(f"skipped (not a volume): {line}")
+    if len(skipped) > 20:
+        print(f"... {len(skipped) - 20} more series skipped")
+    if unlabelled:
+        print(f"{unlabelled} series matched no label ({'dropped' if args.unlabelled == 'drop' else 'kept without a label'})")
+    if not rows:
+        raise ReadError(f"{root}: no DICOM image series found" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    group_by = args.group_by or default_dicom_group(rows)
+    key = group_function(group_by)
+    if group_by == "SeriesInstanceUID":  # fallback: at least the slices of one series stay together
+        print("no PatientID / StudyInstanceUID on every series: splits are grouped by series only")
+    grouped_splits(rows, key, args.val_fraction, args.test_fraction, args.seed, group_by)
+    for line in leak_report(rows, key, group_by):
+        print(line)
+    write_metadata(rows, meta_path)
+    return rows
+
+
+def main(args) -> int:
+    if args.command == "check":
+        return prepare_check(args)
     if args.command == "medmnist":
         metadata_format(args.meta_name)
         rows = prepare_medmnist(args)
@@ -238,11 +527,15 @@ def main(args) -> None:
     elif args.command == "folder":
         metadata_format(args.meta_path)
         rows, where = prepare_folder(args), args.meta_path
+    elif args.command == "dicom":
+        metadata_format(args.meta_path)
+        rows, where = prepare_dicom(args), args.meta_path
     else:
         metadata_format(args.meta_path)
         rows, where = prepare_volumes(args), args.meta_path
     counts = {s: sum(r["split"] == s for r in rows) for s in sorted({r["split"] for r in rows})}
     print(f"wrote {len(rows)} rows to {where} ({', '.join(f'{k}: {v}' for k, v in counts.items())})")
+    return 0
 
 
 def parse_args(argv=None):
@@ -272,6 +565,10 @@ def parse_args(argv=None):
     p.add_argument("--slice_axis", default="0", help="with --expand_volumes: 0/z/axial, 1/coronal, 2/sagittal")
     p.add_argument("--slice_stride", type=int, default=1, help="with --expand_volumes: keep every n-th slice")
     p.add_argument("--min_foreground", type=float, default=0.0, help="with --expand_volumes: drop slices with less foreground")
+    p.add_argument("--group_by", default=None,
+                   help="keep each group in one split: 'subfolder' (the folder under the class folder, e.g. one per "
+                        "patient) or 're:PATTERN' (regular expression on the path below the class folder; its first "
+                        "group names the patient); groups span classes; split folders are respected")
 
     p = sub.add_parser("volumes", help="volumes / multi-frame files -> one row per slice")
     p.add_argument("--inputs", nargs="+", required=True, help="volume files or folders holding them")
@@ -285,8 +582,33 @@ def parse_args(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.0, help="last contiguous slices of each volume go to 'val'")
     p.add_argument("--test_fraction", type=float, default=0.0, help="the very last contiguous slices go to 'test'")
     p.add_argument("--window", default=None, help="CT window stored on every row (preset name or 'level,width')")
+
+    p = sub.add_parser("dicom", help="a DICOM tree (series folders) -> one row per slice or per series, grouped splits")
+    p.add_argument("root", help="folder to walk; every folder's files are grouped into series (headers only)")
+    p.add_argument("--meta_path", required=True, help="metadata file to write (.csv/.jsonl/.json)")
+    p.add_argument("--per", default="slice", choices=("slice", "series"),
+                   help="one row per slice, or per series (its middle slice)")
+    p.add_argument("--slice_step", type=int, default=1, help="with --per slice: keep every n-th slice")
+    p.add_argument("--label_by", default="modality", choices=("modality", "description"),
+                   help="what --label_map keys match: the Modality, or SeriesDescription patterns (*T1*, case-insensitive)")
+    p.add_argument("--label_map", default=None, help="KEY=LABEL[:NAME],... e.g. CT=0,MR=1 or '*T1*=0:t1,*T2*=1:t2'")
+    p.add_argument("--label_csv", default=None, help="csv/jsonl with columns <--label_key>, label[, label_name]")
+    p.add_argument("--label_key", default="PatientID", choices=DICOM_COLUMNS, help="the --label_csv column to match")
+    p.add_argument("--unlabelled", default="drop", choices=("drop", "keep"),
+                   help="series that match no label (with a mapping): leave them out, or keep them without a label")
+    p.add_argument("--group_by", default=None,
+                   help="no group spans two splits: PatientID (default when every series has one), StudyInstanceUID, "
+                        "another column, or re:PATTERN on the identifier")
+    p.add_argument("--val_fraction", type=float, default=0.0, help="fraction of rows in 'val' (met as closely as groups allow)")
+    p.add_argument("--test_fraction", type=float, default=0.0, help="fraction of rows in 'test'")
+    p.add_argument("--seed", type=int, default=0, help="seed of the group assignment")
+    p.add_argument("--window", default=None, help="window stored on every row (preset, 'level,width', 'file', 'file:NAME')")
+
+    p = sub.add_parser("check", help="report groups (e.g. patients) found in more than one split; exit status 1 if any")
+    p.add_argument("meta", help="metadata file (.csv/.jsonl/.json)")
+    p.add_argument("--group_by", default="PatientID", help="a column, or re:PATTERN on the identifier")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    raise SystemExit(main(parse_args()))

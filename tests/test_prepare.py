@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from datasets.metadata import read_metadata, resolve_path
+from datasets.metadata import read_metadata, resolve_path, write_metadata
 from datasets.prepare import contiguous_splits, main, parse_args
 from datasets.readers import ReadError, read_image
 
@@ -147,3 +147,163 @@ def test_contiguous_splits():
     for n in (0, 1, 7, 100):
         s = contiguous_splits(n, 0.1, 0.2)
         assert len(s) == n and s == sorted(s, key=["train", "val", "test"].index)
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM trees, grouped splits, the leak check
+# ----------------------------------------------------------------------------------------------
+def dicom_tree(root: Path) -> dict:
+    """6 patients; each has a CT study (an axial series beside a one-slice localizer in the same folder)
+    and some an MR study. Returns {series uid: (patient, stored volume)}."""
+    from tests.test_dicom import write_series
+
+    rng = np.random.default_rng(0)
+    truth = {}
+    for p in range(6):
+        patient = f"PAT{p:02d}"
+        vol = rng.integers(0, 2000, (3 + p % 3, 8, 8)).astype(np.int16)
+        folder, study = root / patient / "study1" / "ct", f"1.2.826.0.1.{p}.1"
+        uid, _ = write_series(folder, vol, patient=patient, study_uid=study, description="AX CT", seed=p)
+        truth[uid] = (patient, vol)
+        uid, _ = write_series(folder, vol[:1], patient=patient, study_uid=study, description="LOCALIZER", seed=100 + p)
+        truth[uid] = (patient, vol[:1])
+        if p % 2:
+            mr = rng.integers(0, 2000, (4, 8, 8)).astype(np.int16)
+            uid, _ = write_series(root / patient / "study2" / "mr_t1", mr, patient=patient, modality="MR",
+                                  description="T1 AX", seed=200 + p)
+            truth[uid] = (patient, mr)
+    return truth
+
+
+def splits_by(rows, column):
+    seen = {}
+    for r in rows:
+        seen.setdefault(r[column], set()).add(r["split"])
+    return seen
+
+
+def test_dicom_tree_rows_grouped_by_patient(tmp_path, capsys):
+    from datasets.image_dataset import ImageDataset
+
+    truth = dicom_tree(tmp_path / "tree")
+    meta = tmp_path / "meta.jsonl"
+    assert main(parse_args(["dicom", str(tmp_path / "tree"), "--meta_path", str(meta), "--val_fraction", "0.2",
+                            "--test_fraction", "0.2", "--label_map", "CT=0,MR=1:mri", "--seed", "3"])) == 0
+    rows = read_metadata(meta)
+    expected_rows = sum(len(v) for _, v in truth.values())
+    assert len(rows) == expected_rows
+    # no patient in two splits, and the fractions as close as whole patients allow
+    assert all(len(s) == 1 for s in splits_by(rows, "PatientID").values())
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    largest = max(sum(1 for r in rows if r["PatientID"] == p) for p in {r["PatientID"] for r in rows})
+    for split, fraction in (("val", 0.2), ("test", 0.2)):
+        assert abs(sum(r["split"] == split for r in rows) - fraction * len(rows)) <= largest
+    assert {(r["Modality"], r["label"], r["label_name"]) for r in rows} == {("CT", 0, "CT"), ("MR", 1, "mri")}
+    # every row reads the slice it names: folder + slice_index + SeriesInstanceUID (two series share a folder)
+    ds = ImageDataset(rows, meta_path=meta, image_size=None, channels=1, value_range=(0, 1), window=(0, 4000))
+    for i, row in enumerate(rows):
+        patient, vol = truth[row["SeriesInstanceUID"]]
+        assert row["PatientID"] == patient
+        k = row.get("slice_index") or 0
+        hu = vol[k].astype(np.float64) - (1024 if row["Modality"] == "CT" else 0)
+        expected = np.clip((hu + 2000) / 4000, 0, 1) if row["Modality"] == "CT" else None
+        item = ds[i]
+        assert item["ok"], item["error"]
+        if expected is not None:
+            np.testing.assert_allclose(item["image"][0].numpy(), expected, atol=1e-6)
+    # seeded: the same command gives the same splits
+    main(parse_args(["dicom", str(tmp_path / "tree"), "--meta_path", str(tmp_path / "again.jsonl"), "--val_fraction",
+                     "0.2", "--test_fraction", "0.2", "--label_map", "CT=0,MR=1:mri", "--seed", "3"]))
+    assert [r["split"] for r in read_metadata(tmp_path / "again.jsonl")] == [r["split"] for r in rows]
+    # the leak check: clean, then a planted leak is reported with exit status 1
+    capsys.readouterr()
+    assert main(parse_args(["check", str(meta), "--group_by", "PatientID"])) == 0
+    assert "no group spans two splits" in capsys.readouterr().out
+    victim = next(r for r in rows if r["split"] == "train" and r.get("slice_index") == 1)
+    leaked = [dict(r, split="val") if r is victim else r for r in rows]
+    write_metadata(leaked, tmp_path / "leaky.csv")
+    assert main(parse_args(["check", str(tmp_path / "leaky.csv"), "--group_by", "PatientID"])) == 1
+    out = capsys.readouterr().out
+    assert f"LEAK {victim['PatientID']}" in out and "1 groups appear in more than one split" in out
+    # by study too; and a regular expression on the identifier (the patient folder)
+    assert main(parse_args(["check", str(tmp_path / "leaky.csv"), "--group_by", "StudyInstanceUID"])) == 1
+    assert main(parse_args(["check", str(tmp_path / "leaky.csv"), "--group_by", r"re:(PAT\d+)/"])) == 1
+
+
+def test_dicom_per_series_step_and_label_by_description(tmp_path):
+    truth = dicom_tree(tmp_path / "tree")
+    meta = tmp_path / "m.csv"
+    main(parse_args(["dicom", str(tmp_path / "tree"), "--meta_path", str(meta), "--per", "series",
+                     "--label_by", "description", "--label_map", "*ax ct*=0:ct,t1*=1:t1"]))
+    rows = read_metadata(meta)
+    assert len(rows) == sum(1 for _, v in truth.values() if len(v) > 1) + 0  # localizers match no pattern: dropped
+    for row in rows:
+        n = len(truth[row["SeriesInstanceUID"]][1])
+        assert int(row["num_slices"]) == n and int(row["slice_index"]) == n // 2
+        assert row["label_name"] == ("ct" if row["Modality"] == "CT" else "t1")
+    main(parse_args(["dicom", str(tmp_path / "tree"), "--meta_path", str(meta), "--slice_step", "2",
+                     "--group_by", "StudyInstanceUID"]))
+    rows = read_metadata(meta)
+    assert all("label" not in r or r["label"] is None for r in rows)
+    assert len(rows) == sum((len(v) + 1) // 2 for _, v in truth.values())
+    # labels from a csv keyed by patient
+    labels = tmp_path / "labels.csv"
+    labels.write_text("PatientID,label,label_name\nPAT00,0,healthy\nPAT01,1,sick\n")
+    main(parse_args(["dicom", str(tmp_path / "tree"), "--meta_path", str(meta), "--label_csv", str(labels)]))
+    rows = read_metadata(meta)
+    assert {r["PatientID"] for r in rows} == {"PAT00", "PAT01"}
+    assert all(int(r["label"]) == int(r["PatientID"][-1]) for r in rows)
+
+
+def test_folder_tree_grouped_by_patient(tmp_path):
+    root = tmp_path / "xray"
+    patients = [f"p{i}" for i in range(10)]
+    for i, patient in enumerate(patients):
+        for cls in ("normal", "pneumonia") if i % 3 == 0 else ("normal",):  # some patients in both classes
+            (root / cls / patient).mkdir(parents=True, exist_ok=True)
+            for j in range(1 + i % 4):
+                Image.fromarray(np.full((8, 8), j, np.uint8)).save(root / cls / patient / f"{patient}_img{j}.png")
+    meta = tmp_path / "m.csv"
+    for spec in ("subfolder", r"re:(p\d+)_img"):
+        main(parse_args(["folder", "--root", str(root), "--meta_path", str(meta), "--val_fraction", "0.3",
+                         "--group_by", spec, "--seed", "1"]))
+        rows = read_metadata(meta)
+        patient_of = [Path(r["identifier"]).parent.name for r in rows]
+        seen = {}
+        for p, r in zip(patient_of, rows):
+            seen.setdefault(p, set()).add(r["split"])
+        assert all(len(s) == 1 for s in seen.values())  # across classes too
+        assert {r["split"] for r in rows} == {"train", "val"}
+        assert abs(sum(r["split"] == "val" for r in rows) - 0.3 * len(rows)) <= 4  # the largest patient: 4 images
+    with pytest.raises(ReadError, match="no value for --group_by"):
+        (root / "normal" / "stray.png").write_bytes((root / "normal" / "p0" / "p0_img0.png").read_bytes())
+        main(parse_args(["folder", "--root", str(root), "--meta_path", str(meta), "--group_by", r"re:(p\d+)_img"]))
+
+
+def test_folder_split_folders_are_respected_with_grouping(tmp_path):
+    root = tmp_path / "d"
+    for split, patient in (("train", "a"), ("train", "b"), ("val", "c")):
+        (root / split / "cls" / patient).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / split / "cls" / patient / "x.png")
+    meta = tmp_path / "m.csv"
+    main(parse_args(["folder", "--root", str(root), "--meta_path", str(meta), "--group_by", "subfolder",
+                     "--val_fraction", "0.9"]))
+    assert {Path(r["identifier"]).parent.name: r["split"] for r in read_metadata(meta)} == \
+        {"a": "train", "b": "train", "c": "val"}
+    (root / "val" / "cls" / "a").mkdir()  # patient a in both split folders: a leak in the input
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "val" / "cls" / "a" / "y.png")
+    with pytest.raises(ReadError, match=r"group 'a' .* \['train', 'val'\]"):
+        main(parse_args(["folder", "--root", str(root), "--meta_path", str(meta), "--group_by", "subfolder"]))
+
+
+def test_assign_group_splits_meets_fractions_and_keeps_presets():
+    from datasets.prepare import assign_group_splits
+
+    sizes = {f"g{i}": 1 for i in range(100)}
+    got = assign_group_splits(sizes, {}, 0.1, 0.2, seed=0)
+    counts = {s: sum(v == s for v in got.values()) for s in ("train", "val", "test")}
+    assert counts == {"train": 70, "val": 10, "test": 20}
+    assert got != assign_group_splits(sizes, {}, 0.1, 0.2, seed=1)  # seeded
+    assert got == assign_group_splits(sizes, {}, 0.1, 0.2, seed=0)
+    got = assign_group_splits({"big": 50, **sizes}, {"big": "test", "g0": "val"}, 0.1, 0.2, seed=0)
+    assert got["big"] == "test" and got["g0"] == "val" and "test" not in {got[f"g{i}"] for i in range(1, 100)}
