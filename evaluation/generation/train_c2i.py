@@ -47,8 +47,9 @@ RELEASED_VOCAB_SIZE = 32768  # the released MedITok: 8 codebooks x 4096 codes
 # ----------------------------------------------------------------------------------------------
 # Model and optimizer (schedule, EMA, RNG state and data order: models/training.py)
 # ----------------------------------------------------------------------------------------------
-def build_model(args, num_codebooks: int, grid_size: int):
-    # Stochastic depth replaces dropout when it is on (as in the released trainer).
+def build_model(args, num_codebooks: int, grid_size: int, **condition):
+    # Stochastic depth replaces dropout when it is on (as in the released trainer). `condition`: more
+    # ModelArgs fields from the data (t2i: caption_dim, text_vocab_size; see train_t2i.py).
     dropout_p = 0.0 if args.drop_path_rate > 0 else args.dropout_p
     return GPT_models[args.gpt_model](
         vocab_size=args.vocab_size,
@@ -64,6 +65,7 @@ def build_model(args, num_codebooks: int, grid_size: int):
         token_dropout_p=args.token_dropout_p,
         class_dropout_prob=args.class_dropout_prob,
         drop_path_rate=args.drop_path_rate,
+        **condition,
     )
 
 
@@ -152,6 +154,14 @@ def load_data(args, logger, device):
     return train, (val if len(val) else None), meta_path
 
 
+def condition_inputs(y, device) -> dict:
+    """The model's condition arguments for a batch's y: labels [b] (c2i), or (caption [b, T, ...],
+    mask [b, T]) from a caption dataset (t2i, train_t2i.py)."""
+    if isinstance(y, (tuple, list)):
+        return {"cond_idx": y[0].to(device, non_blocking=True), "cond_mask": y[1].to(device, non_blocking=True)}
+    return {"cond_idx": y.to(device, non_blocking=True)}
+
+
 @torch.no_grad()
 def validation_loss(model, dataset, args, device, rank, world_size) -> float:
     """Mean cross-entropy (per code) over all val/test rows, in eval mode, shared across ranks."""
@@ -165,9 +175,9 @@ def validation_loss(model, dataset, args, device, rank, world_size) -> float:
     for i in range(0, len(range(0, len(dataset), world_size)), bs):
         rows = idx[i:i + bs]
         x, y = dataset.__getitems__(rows or [0])
-        x, y = x.to(device), y.to(device)
+        x = x.to(device)
         with autocast_context(device, args.mixed_precision):
-            _, loss = model(x[:, :, :-1], y, targets=x)
+            _, loss = model(x[:, :, :-1], targets=x, **condition_inputs(y, device))
         total += torch.tensor([loss.item() * len(rows), len(rows)], dtype=torch.float64, device=device)
     if world_size > 1:
         dist.all_reduce(total)
@@ -239,7 +249,9 @@ def make_checkpoint(raw_model, weights, ema_weights, optimizer_state, scaler, ar
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
-def main(args):
+def main(args, load=load_data):
+    """Train. `load(args, logger, device)` -> (train set, val set or None, metadata path): codes and labels
+    here; codes and captions for train_t2i.py, whose train set also carries `model_kwargs` for build_model."""
     rank, world_size, device = setup_distributed()
     accum = args.gradient_accumulation_steps
     if args.global_batch_size % (world_size * accum):
@@ -259,7 +271,7 @@ def main(args):
     torch.backends.cudnn.allow_tf32 = True
 
     # Data first: the grid and codebook count come from the code files.
-    train_set, val_set, meta_path = load_data(args, logger, device)
+    train_set, val_set, meta_path = load(args, logger, device)
     sampler = StepBatchSampler(len(train_set), args.global_batch_size, world_size, rank, accum, seed=args.global_seed)
     # The loader gets its own generator: iter(loader) would otherwise draw from the global RNG, so a
     # run resumed mid-epoch (one extra iter) would see different dropout than an uninterrupted one.
@@ -275,7 +287,7 @@ def main(args):
 
     # Model: the same initial weights on every rank (seeded identically), then per-rank RNG for dropout.
     torch.manual_seed(args.global_seed)
-    raw_model = build_model(args, train_set.num_codebooks, train_set.grid_size)
+    raw_model = build_model(args, train_set.num_codebooks, train_set.grid_size, **getattr(train_set, "model_kwargs", {}))
     logger.info(f"{args.gpt_model}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, config {asdict(raw_model.config)}")
     ema = None
     if args.ema:
@@ -391,10 +403,10 @@ def main(args):
             set_lr(optimizer, lr)
             for micro in range(accum):
                 x, y = next(batches)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # [b, K, L], [b]
+                x, cond = x.to(device, non_blocking=True), condition_inputs(y, device)  # [b, K, L]; labels [b] or caption
                 sync = micro == accum - 1 or world_size == 1
                 with gradient_sync(model, sync), autocast_context(device, args.mixed_precision):
-                    _, loss = model(x[:, :, :-1], y, targets=x)
+                    _, loss = model(x[:, :, :-1], targets=x, **cond)
                     loss = loss / accum
                 (scaler.scale(loss) if use_scaler else loss).backward()
                 running_loss += loss.detach()
