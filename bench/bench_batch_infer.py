@@ -6,7 +6,7 @@
 The images are real medical files written once into a temporary folder, in the mix a user would have:
 16-bit PNG (1024^2 MR), compressed DICOM (512^2 JPEG 2000 CT), multi-frame colour DICOM (one 480x640
 echo frame), NIfTI slices (MNI template), JPEG. "pipeline" = DataLoader reading + windowing/scaling +
-resizing + model + atomic .pt writes (batch_infer.infer_rows); "model" = infer_batch on the same images
+resizing + model + atomic .pt writes (batch_infer.infer_items); "model" = infer_batch on the same images
 already preprocessed and on the device. Goal: the pipeline costs at most 15 % more time than the model.
 """
 from __future__ import annotations
@@ -95,8 +95,10 @@ def main(args) -> None:
             str(args.batch_size), "--num_workers", str(args.num_workers), "--precision", args.precision,
             "--no_progress",
         ])
-        plans = batch_infer.plan_rows(rows, args.infer_type, None)
-        todo = list(range(len(rows)))
+        ext = ".png" if args.infer_type == "image" else ".pt"
+        items = [{"name": batch_infer.output_relpath(r["identifier"], ext=ext).as_posix(), "key": r["identifier"],
+                  "stat": None, "row": r} for r in rows]
+        options = batch_infer.dataset_options(run_args, args.image_size, model.in_chans)
 
         # the preprocessed images, read once (also the reading-only throughput)
         ds = ImageDataset(rows, meta_path=meta, image_size=args.image_size, channels=model.in_chans)
@@ -111,8 +113,10 @@ def main(args) -> None:
         for rep in range(args.repeats):
             results["model"].append(bare_model(model, images, run_args, device))
             shutil.rmtree(root / "out", ignore_errors=True)
-            done, failures, elapsed = batch_infer.infer_rows(
-                model, rows, todo, plans, root / "out", run_args, device, args.image_size, model.in_chans)
+            state = root / "out" / batch_infer.STATE_DIR
+            state.mkdir(parents=True)
+            done, failures, elapsed = batch_infer.infer_items(
+                model, items, root / "out", state, run_args, device, options, rank=0)
             if failures:
                 raise RuntimeError(f"benchmark rows failed: {list(failures.values())[:3]}")
             results["pipeline"].append(len(done) / elapsed)
