@@ -172,7 +172,9 @@ def read_header(path: Path) -> SliceHeader | None:
     """The header of one DICOM image file, or None for anything else (not DICOM, DICOMDIR, reports)."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=HEADER_TAGS)
-    except (InvalidDicomError, OSError, ValueError, EOFError, TypeError, AttributeError, KeyError):
+    except InvalidDicomError:
+        return None
+    except Exception:  # a damaged header: not usable as a slice; reading the file itself says why
         return None
     if "Rows" not in ds or "Columns" not in ds or "SeriesInstanceUID" not in ds:
         return None
@@ -215,7 +217,8 @@ class Series:
         return len(self.slices) == 1 and self.slices[0].frames > 1
 
     def summary(self) -> str:
-        return f"{self.uid} ({self.description or 'no description'}, {self.modality}, {self.num_slices} slice{'' if self.num_slices == 1 else 's'})"
+        n = self.num_slices
+        return f"{self.uid} ({self.description or 'no description'}, {self.modality}, {n} slice{'s' * (n != 1)})"
 
 
 def _normal(orientation) -> np.ndarray:
@@ -332,7 +335,8 @@ def get_series(path: Path, series_uid: str | None = None) -> Series:
             raise ReadError(f"{path}: series_uid {series_uid} is not in this {what}; it holds {listing}")
         series = index[series_uid]
     elif len(index) > 1:
-        raise ReadError(f"{path}: this {what} holds {len(index)} series; add a series_uid column to pick one: {listing}")
+        raise ReadError(f"{path}: this {what} holds {len(index)} series; add a series_uid column to pick one: "
+                        f"{listing}")
     else:
         series = next(iter(index.values()))
     if series.problem:

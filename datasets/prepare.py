@@ -32,7 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from datasets.metadata import metadata_format, read_metadata, write_metadata
-from datasets.readers import FORMATS, ReadError, load_raw, parse_axis, parse_window, volume_shape
+from datasets.readers import FORMATS, ReadError, is_dicom_file, load_raw, parse_axis, parse_window, volume_shape
 from datasets.files import atomic_write_bytes, png_bytes
 from scripts.cli import ArgumentParser
 
@@ -303,7 +303,9 @@ def _row(path, meta_path, label, split, label_names, label_name, **extra) -> dic
 # ----------------------------------------------------------------------------------------------
 def is_image_file(path: Path) -> bool:
     name = path.name.lower()
-    return path.is_file() and not name.startswith(".") and any(name.endswith(ext) for ext in FORMATS)
+    if not path.is_file() or name.startswith("."):
+        return False
+    return any(name.endswith(ext) for ext in FORMATS) or is_dicom_file(path)  # DICOM often has no extension
 
 
 def folder_group(spec: str, root: Path) -> Callable[[dict], str | None]:
@@ -401,10 +403,15 @@ def scan_dicom_tree(root: Path) -> list[tuple[Path, "dicom.Series"]]:
 
     files = [p for folder, _, _ in sorted(os.walk(root)) for p in dicom.folder_files(Path(folder))]
     by_folder: dict[Path, list] = {}
+    others = 0
     for path in tqdm(files, desc="DICOM headers", unit="file"):
         header = dicom.read_header(path)
-        if header is not None:
+        if header is None:
+            others += 1
+        else:
             by_folder.setdefault(path.parent, []).append(header)
+    if others:
+        print(f"{others} of {len(files)} files are not DICOM images (reports, DICOMDIR, other files): skipped")
     return [(folder, series) for folder, headers in sorted(by_folder.items())
             for series in sorted(dicom.group_series(headers).values(), key=lambda s: s.uid)]
 
@@ -503,7 +510,8 @@ def prepare_dicom(args) -> list[dict]:
     if len(skipped) > 20:
         print(f"... {len(skipped) - 20} more series skipped")
     if unlabelled:
-        print(f"{unlabelled} series matched no label ({'dropped' if args.unlabelled == 'drop' else 'kept without a label'})")
+        what = "dropped" if args.unlabelled == "drop" else "kept without a label"
+        print(f"{unlabelled} series matched no label ({what})")
     if not rows:
         raise ReadError(f"{root}: no DICOM image series found" + (f" ({len(skipped)} skipped)" if skipped else ""))
     group_by = args.group_by or default_dicom_group(rows)
@@ -590,7 +598,8 @@ def parse_args(argv=None):
                    help="one row per slice, or per series (its middle slice)")
     p.add_argument("--slice_step", type=int, default=1, help="with --per slice: keep every n-th slice")
     p.add_argument("--label_by", default="modality", choices=("modality", "description"),
-                   help="what --label_map keys match: the Modality, or SeriesDescription patterns (*T1*, case-insensitive)")
+                   help="what --label_map keys match: the Modality, or SeriesDescription patterns "
+                        "(*T1*, case-insensitive)")
     p.add_argument("--label_map", default=None, help="KEY=LABEL[:NAME],... e.g. CT=0,MR=1 or '*T1*=0:t1,*T2*=1:t2'")
     p.add_argument("--label_csv", default=None, help="csv/jsonl with columns <--label_key>, label[, label_name]")
     p.add_argument("--label_key", default="PatientID", choices=DICOM_COLUMNS, help="the --label_csv column to match")
@@ -599,10 +608,12 @@ def parse_args(argv=None):
     p.add_argument("--group_by", default=None,
                    help="no group spans two splits: PatientID (default when every series has one), StudyInstanceUID, "
                         "another column, or re:PATTERN on the identifier")
-    p.add_argument("--val_fraction", type=float, default=0.0, help="fraction of rows in 'val' (met as closely as groups allow)")
+    p.add_argument("--val_fraction", type=float, default=0.0,
+                   help="fraction of rows in 'val' (met as closely as groups allow)")
     p.add_argument("--test_fraction", type=float, default=0.0, help="fraction of rows in 'test'")
     p.add_argument("--seed", type=int, default=0, help="seed of the group assignment")
-    p.add_argument("--window", default=None, help="window stored on every row (preset, 'level,width', 'file', 'file:NAME')")
+    p.add_argument("--window", default=None,
+                   help="window stored on every row (preset, 'level,width', 'file', 'file:NAME')")
 
     p = sub.add_parser("check", help="report groups (e.g. patients) found in more than one split; exit status 1 if any")
     p.add_argument("meta", help="metadata file (.csv/.jsonl/.json)")

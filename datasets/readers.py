@@ -105,7 +105,8 @@ def check_pixels(shape: Sequence[int], max_pixels: int | None, path, color: bool
                         f"{int(max_pixels):,} per row (max_pixels; raise it, or 0 for no limit)")
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom_file(path: Path) -> bool:
+    """The file starts with a DICOM preamble ('DICM' at byte 128)."""
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -120,7 +121,7 @@ def find_handler(path: str | os.PathLike) -> Handler:
     matches = [ext for ext in FORMATS if name.endswith(ext)]
     if matches:
         return FORMATS[max(matches, key=len)]
-    if _is_dicom(Path(path)):  # DICOM files often carry no extension (IM0001, 1.2.840....)
+    if is_dicom_file(Path(path)):  # DICOM files often carry no extension (IM0001, 1.2.840....)
         return FORMATS[".dcm"]
     raise ReadError(f"{path}: unsupported file type; supported extensions: {', '.join(sorted(FORMATS))}")
 
@@ -656,7 +657,7 @@ def read_image_tensor(
     """Like `read_image` but returns a torch tensor [C, H, W] (what datasets want)."""
     slice_index = parse_index(slice_index)
     axis = parse_axis(slice_axis)
-    if slice_index is None and Path(path).is_dir():  # say so from the headers, before decoding a series
+    if slice_index is None and _is_series(Path(path)):  # say so from the headers, before decoding a series
         shape = volume_shape(path, series_uid)
         if shape is not None:
             raise ReadError(f"{path}: a DICOM series of shape {shape} needs a slice_index "
@@ -699,12 +700,21 @@ def read_image(
     return t.permute(1, 2, 0).numpy()
 
 
+def _is_series(path: Path) -> bool:
+    """A DICOM series folder or a DICOMDIR (read by datasets.dicom)."""
+    from datasets import dicom
+
+    if path.is_dir():
+        return True
+    return path.is_file() and find_handler(path) is read_dicom and dicom.is_dicomdir(path)
+
+
 def volume_shape(path: str | os.PathLike, series_uid: str | None = None) -> tuple[int, ...] | None:
     """Spatial shape [D, H, W] of a volume / multi-frame file / DICOM series, or None for one 2-D image."""
     from datasets import dicom
 
     path = Path(path)
-    if path.is_dir() or (find_handler(path) is read_dicom and dicom.is_dicomdir(path)):
+    if _is_series(path):
         return dicom.series_shape(path, series_uid)  # headers only
     handler = find_handler(path)
     if handler in (read_dicom, read_pil):  # header only: do not decode every frame / page
