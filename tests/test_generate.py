@@ -1,6 +1,7 @@
 """KV-cache sampling with guidance: parity with the released sampler and invariants."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -128,13 +129,61 @@ def test_sample_logits_filters():
     assert torch.equal(sample_logits(logits, sample=False), logits.argmax(-1))
 
 
-def test_guidance_scales():
-    assert guidance_scales(3.0, 4) == [3.0] * 4
-    assert guidance_scales(3.0, 5, cfg_schedule="linear") == [1.0, 1.5, 2.0, 2.5, 3.0]
-    # the released sampler's convention: guidance up to position cfg_interval + 1
-    assert guidance_scales(2.0, 5, cfg_interval=1) == [2.0, 2.0, 2.0, None, None]
+def reference_scales(cfg_scale, n, cfg_interval=-1, cfg_schedule="constant"):
+    """Independent statement of the schedules. Interval: the released sampler (MedITok / LlamaGen
+    generate.py) always guides the prefill (image position 0); its decoding step i (image position i + 1)
+    drops guidance once cfg_interval > -1 and i > cfg_interval. Linear: a ramp (Muse / MAR style) that,
+    as documented here, goes from 1 at the first image position to cfg_scale at the last."""
+    ramp = np.linspace(1.0, cfg_scale, n) if cfg_schedule == "linear" else np.full(n, cfg_scale)
+    guided = [True] + [not (cfg_interval > -1 and i > cfg_interval) for i in range(n - 1)]
+    return [float(s) if g else None for s, g in zip(ramp, guided)]
+
+
+@pytest.mark.parametrize("cfg_scale, n, cfg_interval, cfg_schedule", [
+    (3.0, 4, -1, "constant"), (1.0, 3, -1, "constant"), (2.5, 7, -1, "linear"), (4.0, 2, -1, "linear"),
+    (2.0, 1, -1, "linear"), (2.0, 6, 0, "constant"), (2.0, 6, 1, "constant"), (3.0, 9, 3, "linear"),
+    (2.0, 5, 10, "constant"), (1.5, 256, 20, "linear"),
+])
+def test_guidance_scales_match_the_reference_rule(cfg_scale, n, cfg_interval, cfg_schedule):
+    expected = reference_scales(cfg_scale, n, cfg_interval, cfg_schedule)
+    got = guidance_scales(cfg_scale, n, cfg_interval, cfg_schedule)
+    assert [s is None for s in got] == [s is None for s in expected]
+    assert [s for s in got if s is not None] == pytest.approx([s for s in expected if s is not None], rel=1e-12)
+
+
+def test_guidance_scales_rejects_unknown_schedules():
     with pytest.raises(ValueError, match="cfg_schedule"):
         guidance_scales(2.0, 3, cfg_schedule="cosine")
+
+
+GUIDED = {
+    "constant": dict(cfg_scale=3.0),
+    "linear": dict(cfg_scale=4.0, cfg_schedule="linear"),
+    "interval 0": dict(cfg_scale=4.0, cfg_interval=0),
+    "interval 3, linear": dict(cfg_scale=5.0, cfg_interval=3, cfg_schedule="linear"),
+}
+
+
+@pytest.mark.parametrize("name", list(GUIDED))
+def test_guided_greedy_codes_are_the_fixed_point_of_guided_teacher_forcing(name):
+    """Guidance computed outside the sampler: teacher-forced logits for the labels and for the null class,
+    mixed at each position with the reference scale, have the sampled codes as their argmax."""
+    kw = GUIDED[name]
+    model = randomize(Transformer(tiny_args())).eval()
+    labels = torch.tensor([0, 2, 1])
+    L = model.block_size
+    codes = generate(model, labels, L, sample_logits=False, **kw)
+    null = torch.full_like(labels, model.config.num_classes)  # the label table's last row
+    with torch.no_grad():
+        cond, _ = model(codes[:, :, :-1], labels, targets=codes)  # [B, K, L, V]
+        uncond, _ = model(codes[:, :, :-1], null, targets=codes)
+    scales = reference_scales(kw["cfg_scale"], L, kw.get("cfg_interval", -1), kw.get("cfg_schedule", "constant"))
+    guided = torch.stack([cond[:, :, t] if s is None else uncond[:, :, t] + (cond[:, :, t] - uncond[:, :, t]) * s
+                          for t, s in enumerate(scales)], dim=2)
+    assert torch.equal(guided.argmax(-1), codes)
+    # and the schedule matters here: plain constant guidance gives other codes
+    if name != "constant":
+        assert not torch.equal(codes, generate(model, labels, L, cfg_scale=kw["cfg_scale"], sample_logits=False))
 
 
 def test_generate_restores_the_model_state():
