@@ -539,6 +539,8 @@ def plan_run(args, rows: list[dict], output_dir: Path, state_dir: Path, ext: str
     out_real = os.path.realpath(output_dir)
 
     def taken(name: str, claimed: bool) -> bool:
+        if name.split("/", 1)[0] in RESERVED:  # an identifier like '.batch_infer/x.png'
+            return True
         path = os.path.join(out_real, name)
         return os.path.realpath(path) in protected or (not claimed and os.path.lexists(path))
 

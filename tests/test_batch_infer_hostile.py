@@ -413,3 +413,21 @@ def test_peak_memory_on_a_one_pixel_high_strip(tmp_path, tokenizers):
 
     base, strip = peak_mb("small"), peak_mb("strip")
     assert strip - base < 300, (base, strip)
+
+
+def test_pixel_cap_fails_only_the_large_row(tmp_path, tokenizers, one_thread):
+    (ckpt, _), model = tokenizers
+    save_png(tmp_path / "big.png", 1, (40, 36))
+    save_png(tmp_path / "small.png", 2, (10, 12))
+    os.makedirs(tmp_path / ".batch_infer")
+    save_png(tmp_path / ".batch_infer" / "x.png", 3, (10, 12))  # would land in the run's own folder
+    meta = tmp_path / "meta.csv"
+    write_metadata([{"identifier": "big.png"}, {"identifier": "small.png"}, {"identifier": ".batch_infer/x.png"}], meta)
+    assert run(meta, tmp_path / "capped", ckpt, "--max_pixels", "1000") == 1
+    fails = failures(tmp_path / "capped")
+    assert [f["identifier"] for f in fails] == ["big.png", ".batch_infer/x.png"]
+    assert "max_pixels" in fails[0]["reason"] and "no free output name" in fails[1]["reason"]
+    assert [r["identifier"] for r in read_metadata(tmp_path / "capped" / "meta.csv")] == ["small.png"]
+    assert read_manifest(tmp_path / "capped")["preprocessing"]["max_pixels"] == 1000
+    assert run(meta, tmp_path / "free", ckpt, "--max_pixels", "0") == 1  # 0: no limit
+    assert [f["identifier"] for f in failures(tmp_path / "free")] == [".batch_infer/x.png"]
