@@ -27,7 +27,8 @@ MNI = Path(__import__("nilearn").__file__).parent / "datasets" / "data" / "mni_i
 def write_series(folder: Path, volume: np.ndarray, *, modality: str = "CT", patient: str = "P1",
                  study_uid: str | None = None, series_uid: str | None = None, description: str = "AX",
                  spacing: float = 2.0, seed: int = 0, slopes=None, positions: bool = True,
-                 photometric: str = "MONOCHROME2", extra=None) -> tuple[str, list[Path]]:
+                 photometric: str = "MONOCHROME2", orientation=(1, 0, 0, 0, 1, 0),
+                 extra=None) -> tuple[str, list[Path]]:
     """Write `volume` [D, H, W] (stored values, int16) as one file per slice, axial LPS (row k at
     z = k * spacing), shuffled names and InstanceNumbers. Returns (series uid, file of each slice k)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,7 @@ def write_series(folder: Path, volume: np.ndarray, *, modality: str = "CT", pati
         ds.Modality, ds.SeriesDescription, ds.InstanceNumber = modality, description, numbers[k]
         if positions:
             ds.ImagePositionPatient = [-90.0, -120.0, k * spacing]
-            ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+            ds.ImageOrientationPatient = list(orientation)
         ds.PixelSpacing = [1.0, 1.0]
         ds.Rows, ds.Columns = image.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
@@ -120,6 +121,19 @@ def test_reformats_match_the_nifti_source(mni_series):
             got = read_image(folder, j, axis, window=(128, 256))[..., 0]
             ref = read_image(MNI, 4 * j, axis, intensity="unit")[..., 0] * 255  # uint8 template / 255
             np.testing.assert_allclose(got, window01(ref[::4, ::4], 128, 256), atol=1e-4)
+
+
+def test_reformats_of_a_mirrored_acquisition_are_oriented(tmp_path, mni_series, mni_lps):
+    # rows run towards the patient's right (ImageOrientationPatient -1, 0, 0 / 0, 1, 0): each file holds the
+    # mirror image; axis 0 gives the files as stored, the reformats are oriented like every other volume
+    folder, _, _ = mni_series
+    write_series(tmp_path / "mirrored", mni_lps[:, :, ::-1] + 1024, orientation=(-1, 0, 0, 0, 1, 0))
+    np.testing.assert_allclose(read_image(tmp_path / "mirrored", 5, window=(128, 256))[..., 0],
+                               window01(mni_lps[5, :, ::-1].astype(float), 128, 256), atol=1e-6)
+    assert volume_shape(tmp_path / "mirrored") == volume_shape(folder)
+    for axis, j in ((1, 20), (2, 10)):
+        np.testing.assert_array_equal(read_image(tmp_path / "mirrored", j, axis, window=(128, 256)),
+                                      read_image(folder, j, axis, window=(128, 256)))
 
 
 def test_instance_number_orders_a_series_without_positions(tmp_path):
