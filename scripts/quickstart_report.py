@@ -6,23 +6,26 @@
         --generation_eval outputs/quickstart/eval/generation/generation_metrics.json \
         --classifier_eval outputs/quickstart/eval/classifier.json
 
-grid.png has one row per class: real images of the class on the left, generated ones on the right.
+grid.png has one row per class: real images of the class, the tokenizer's reconstructions of those same
+images (with --tokenizer and --codes), then generated ones.
 report.json holds the headline metrics (recon_psnr_db, sample_class_accuracy, fid_classifier), the
 seconds and the command of every stage (stage_seconds, total_seconds, stage_commands) and the targets;
 report.md says the same in a few lines. Metrics that were not produced are reported as null, never guessed.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
+from datasets.code_dataset import find_code_metadata, load_codes
+from datasets.files import atomic_write_text, to_uint8, write_png
 from datasets.metadata import filter_split, parse_label, read_metadata, resolve_path
-from datasets.files import atomic_write_text, write_png
+from models.meditok import build_meditok
 from scripts.cli import ArgumentParser
 
 # report.json key -> (which evaluation JSON, path of keys in it).
@@ -109,16 +112,37 @@ def to_tile(image: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(pil.convert("RGB").resize((size, size), Image.BICUBIC))
 
 
-def real_examples(meta_path: Path, split: str, per_class: int) -> dict[int, list[np.ndarray]]:
-    """`per_class` real images of each class, evenly spaced through the class's rows of `split`."""
-    rows = filter_split(read_metadata(meta_path), split)
+def example_rows(meta_path: Path, split: str, per_class: int) -> dict[int, list[dict]]:
+    """`per_class` rows of each class, evenly spaced through the class's rows of `split`."""
     by_class: dict[int, list[dict]] = {}
-    for r in rows:
+    for r in filter_split(read_metadata(meta_path), split):
         by_class.setdefault(parse_label(r, path=meta_path), []).append(r)
     out = {}
     for label, mine in sorted(by_class.items()):
         picks = np.linspace(0, len(mine) - 1, num=min(per_class, len(mine))).round().astype(int)
-        out[label] = [np.asarray(Image.open(resolve_path(mine[i]["identifier"], mine[i], meta_path))) for i in picks]
+        out[label] = [mine[i] for i in picks]
+    return out
+
+
+def real_images(rows: dict[int, list[dict]], meta_path: Path) -> dict[int, list[np.ndarray]]:
+    return {label: [np.asarray(Image.open(resolve_path(r["identifier"], r, meta_path))) for r in mine]
+            for label, mine in rows.items()}
+
+
+@torch.no_grad()
+def reconstructions(rows: dict[int, list[dict]], code_meta: Path, tokenizer_path: str) -> dict[int, list[np.ndarray]]:
+    """The tokenizer's own reconstructions of the same rows: their codes (written by batch_infer) decoded.
+
+    Shows what the GPT can at best produce: blur here is the tokenizer's, blur only in the samples is the GPT's.
+    """
+    coded = {r["identifier"]: r for r in read_metadata(code_meta)}
+    tok = build_meditok(tokenizer_path).eval()
+    out = {}
+    for label, mine in rows.items():
+        found = [coded[r["identifier"]] for r in mine if r["identifier"] in coded]
+        if found:
+            codes = load_codes(found, code_meta, progress=False)  # [n, K, L]
+            out[label] = list(to_uint8(tok.idx_to_img(codes)))
     return out
 
 
@@ -126,22 +150,23 @@ def class_names(meta_path: Path) -> dict[int, str]:
     return {parse_label(r, path=meta_path): r.get("label_name") or str(r["label"]) for r in read_metadata(meta_path)}
 
 
-def make_grid(real: dict[int, list[np.ndarray]], samples: np.ndarray, labels: np.ndarray,
-              per_class: int, tile: int, pad: int) -> np.ndarray:
-    """Rows = classes; `per_class` real tiles, a wider gap, then `per_class` generated tiles."""
-    classes = sorted(set(real) | set(labels.tolist()))
-    width = 2 * per_class * (tile + pad) + 3 * pad
-    grid = np.full((len(classes) * (tile + pad) + pad, width, 3), 255, dtype=np.uint8)
+def make_grid(blocks: list[dict[int, list[np.ndarray]]], per_class: int, tile: int, pad: int) -> np.ndarray:
+    """Rows = classes; one block of `per_class` tiles per entry of `blocks` (e.g. real, reconstructed,
+    generated), blocks separated by a wider gap."""
+    classes = sorted(set().union(*blocks))
+    block_w = per_class * (tile + pad) + 2 * pad
+    grid = np.full((len(classes) * (tile + pad) + pad, len(blocks) * block_w + pad, 3), 255, dtype=np.uint8)
     for row, label in enumerate(classes):
         top = pad + row * (tile + pad)
-        generated = samples[labels == label][:per_class]
-        for col, img in enumerate(real.get(label, [])[:per_class]):
-            left = pad + col * (tile + pad)
-            grid[top:top + tile, left:left + tile] = to_tile(img, tile)
-        for col, img in enumerate(generated):
-            left = per_class * (tile + pad) + 3 * pad + col * (tile + pad)
-            grid[top:top + tile, left:left + tile] = to_tile(img, tile)
+        for b, block in enumerate(blocks):
+            for col, img in enumerate(block.get(label, [])[:per_class]):
+                left = pad + b * block_w + col * (tile + pad)
+                grid[top:top + tile, left:left + tile] = to_tile(img, tile)
     return grid
+
+
+def by_label(samples: np.ndarray, labels: np.ndarray) -> dict[int, list[np.ndarray]]:
+    return {int(k): list(samples[labels == k]) for k in np.unique(labels)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,12 +234,18 @@ def main(args):
     if args.samples:
         samples_path = find_samples(Path(args.samples))
         samples, labels = load_samples(samples_path)
-        real = real_examples(meta_path, args.real_split, args.per_class)
+        rows = example_rows(meta_path, args.real_split, args.per_class)
+        blocks = [real_images(rows, meta_path)]
+        if args.tokenizer and args.codes:
+            blocks.append(reconstructions(rows, find_code_metadata(args.codes), args.tokenizer))
+        blocks.append(by_label(samples, labels))
         tile = args.tile or samples.shape[1]
-        write_png(make_grid(real, samples, labels, args.per_class, tile, args.pad), out / "grid.png")
+        write_png(make_grid(blocks, args.per_class, tile, args.pad), out / "grid.png")
         report["sources"]["samples"] = str(samples_path)
         report["num_samples"] = int(len(samples))
-        print(f"[report] wrote {out / 'grid.png'} ({len(names)} classes x {args.per_class} real + {args.per_class} generated)")
+        report["grid_columns"] = ["real", "reconstructed", "generated"] if len(blocks) == 3 else ["real", "generated"]
+        print(f"[report] wrote {out / 'grid.png'} ({len(names)} classes; blocks of {args.per_class}: "
+              f"{', '.join(report['grid_columns'])})")
 
     atomic_write_text(json.dumps(report, indent=1) + "\n", out / "report.json")
     atomic_write_text(markdown(report, names), out / "report.md")
@@ -234,6 +265,8 @@ if __name__ == "__main__":
     parser.add_argument("--classifier_eval", default=None, help="JSON summary written by evaluation.train_classifier")
     parser.add_argument("--stage_dir", default=None,
                         help="folder of the <NN>_<stage>.seconds and .cmd files written by quickstart.sh")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer checkpoint: adds its reconstructions to the grid")
+    parser.add_argument("--codes", default=None, help="batch_infer output (folder or metadata) holding the real rows' codes")
     parser.add_argument("--real_split", default="train", help="split the real grid images are drawn from")
     parser.add_argument("--per_class", type=int, default=6, help="real and generated images per class in the grid")
     parser.add_argument("--tile", type=int, default=0, help="tile side in pixels (0: the generated images' size)")
