@@ -71,6 +71,11 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
 
 
+def atomic_savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """np.savez `arrays` to `path` atomically, streamed into the file (no in-memory copy of the archive)."""
+    _atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
 # ----------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------

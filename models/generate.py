@@ -202,7 +202,7 @@ def prepacked_linears(model, enabled: bool = True):
     if enabled:
         for parent in list(model.modules()):
             for name, child in parent.named_children():
-                if type(child) is nn.Linear:
+                if type(child) is nn.Linear and getattr(child, "prepack", True):  # prepack=False: its weight is read directly
                     swapped.append((parent, name, child))
         for parent, name, child in swapped:
             setattr(parent, name, PackedLinear(child))

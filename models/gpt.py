@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, load_state_dict_strict
+from models.meditok_blocks import AttnProjection
+from models.quantizer import MultiCodebookQuantizer
 from models.text_encoder import WordTextEncoder
 
 
@@ -69,6 +71,12 @@ class ModelArgs:
     block_size: int = 256  # image positions L = grid_size ** 2
     max_batch_size: int = 32  # kept for config compatibility (caches are sized per generate() call)
     max_seq_len: int = 2048  # kept for config compatibility
+    # Token embeddings from the tokenizer (`--vq-embed-path`, VQTokenEmbedder): > 0 is the width of its
+    # post_quant_proj output; 0 = one embedding table per codebook (TokenEmbedder).
+    vq_embed_width: int = 0
+    vq_embed_vocab_width: int = 0  # the tokenizer's quantizer latent width (split over the codebooks)
+    vq_embed_heads: int = 0  # heads of its post_quant_proj attention
+    vq_embed_path: Optional[str] = None  # the file those tokenizer weights came from (a record only)
 
     def __post_init__(self):
         if self.model_type not in ("c2i", "t2i"):
@@ -87,6 +95,9 @@ class ModelArgs:
             raise ValueError(f"block_size={self.block_size} is not a square grid (h*w with h == w)")
         if self.cls_token_num < 1:
             raise ValueError(f"cls_token_num={self.cls_token_num} must be at least 1")
+        if self.vq_embed_width and (self.vq_embed_vocab_width % self.num_codebooks or self.vq_embed_heads < 1):
+            raise ValueError(f"vq_embed_vocab_width={self.vq_embed_vocab_width} must split over num_codebooks="
+                             f"{self.num_codebooks} and vq_embed_heads={self.vq_embed_heads} must be >= 1")
 
     # Derived values (properties, so asdict() holds only the fields above).
     @property
@@ -340,6 +351,63 @@ class TokenEmbedder(nn.Module):
         return out
 
 
+class VQTokenEmbedder(nn.Module):
+    """Codes [B, K, S] -> [B, S, dim] through the tokenizer itself (the released `--vq-embed-path` variant):
+    its quantizer's normalised code vectors [B, S, vocab_width], its post_quant_proj [B, S, width], then a
+    trained LayerNorm-Linear-GELU-Linear `mm_projector` to the GPT width. Key names follow the released GPT
+    (tok_embeddings.quantizer.*, tok_embeddings.post_quant_proj.*, tok_embeddings.mm_projector.{0,1,3}.*).
+
+    The tokenizer part stays frozen (no gradients, not in the optimizer): the GPT reads the tokenizer's
+    own features, and training never pays for backpropagating through them. post_quant_proj attends
+    causally over the positions, so position s sees codes 0..s; during cached generation the embedder
+    keeps the codes decoded so far (`start_decoding`) so every position gets the embedding it had in
+    training (the released sampler embeds each new position alone)."""
+
+    def __init__(self, config: ModelArgs):
+        super().__init__()
+        self.num_codebooks = config.num_codebooks
+        self.quantizer = MultiCodebookQuantizer(config.vocab_size, config.vq_embed_vocab_width, config.num_codebooks)
+        self.post_quant_proj = AttnProjection(config.vq_embed_vocab_width, config.vq_embed_width, config.vq_embed_heads)
+        self.quantizer.requires_grad_(False)
+        self.post_quant_proj.requires_grad_(False)
+        self.post_quant_proj.attn.qkv.prepack = False  # CausalAttention reads qkv.weight (models/generate.py)
+        self.mm_projector = nn.Sequential(
+            nn.LayerNorm(config.vq_embed_width, eps=1e-6),
+            nn.Linear(config.vq_embed_width, config.dim),
+            nn.GELU(),
+            nn.Linear(config.dim, config.dim),
+        )
+        self.decoding = False  # set by Transformer.setup_caches / clear_caches
+        self.history: Optional[torch.Tensor] = None  # codes [B, K, s] fed so far while decoding
+
+    def features(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [B, K, S] -> the tokenizer's post-quantisation features [B, S, width] (frozen)."""
+        if codes.shape[1] != self.num_codebooks:
+            raise ValueError(f"codes have {codes.shape[1]} codebooks, the model expects {self.num_codebooks}")
+        with torch.no_grad():
+            f = self.quantizer.idx_to_f(codes)  # [B, S, vocab_width] float32
+            return self.post_quant_proj(f.to(self.post_quant_proj.norm1.weight.dtype))
+
+    def load_tokenizer(self, part: dict, context: str = "") -> None:
+        """Load the tokenizer part strictly from `load_vq_embedding`'s state dict (quantizer.*, post_quant_proj.*)."""
+        for name in ("quantizer", "post_quant_proj"):
+            sub = {k[len(name) + 1:]: v for k, v in part.items() if k.startswith(name + ".")}
+            load_state_dict_strict(getattr(self, name), sub, context=f"{context} [{name}]")
+
+    def start_decoding(self) -> None:
+        self.history, self.decoding = None, True
+
+    def stop_decoding(self) -> None:
+        self.history, self.decoding = None, False
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if self.decoding:  # one new position; guidance may have dropped the uncond half of the batch since
+            prev = self.history[: codes.shape[0]] if self.history is not None else codes[:, :, :0]
+            self.history = torch.cat([prev, codes], dim=2)  # [B, K, s]
+            return self.mm_projector(self.features(self.history)[:, -codes.shape[2]:])
+        return self.mm_projector(self.features(codes))
+
+
 # ----------------------------------------------------------------------------------------------
 # The multi-codebook head
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +461,8 @@ class Transformer(nn.Module):
                                                 config.text_layers, dropout=config.resid_dropout_p) if config.text_vocab_size else None
         else:
             self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
-        self.tok_embeddings = TokenEmbedder(config.vocab_size, config.dim, config.num_codebooks)
+        self.tok_embeddings = (VQTokenEmbedder(config) if config.vq_embed_width
+                               else TokenEmbedder(config.vocab_size, config.dim, config.num_codebooks))
         self.tok_dropout = nn.Dropout(config.token_dropout_p)
         dpr = torch.linspace(0, config.drop_path_rate, config.n_layer, device="cpu").tolist()
         self.layers = nn.ModuleList(TransformerBlock(config, p) for p in dpr)
@@ -504,11 +573,15 @@ class Transformer(nn.Module):
         # Slot indices made once: slicing them per step allocates nothing.
         self.seq_pos = torch.arange(max_seq_len, device=device)
         self.head_pos = torch.arange(c.num_codebooks, device=device)[:, None]  # [K, 1]
+        if isinstance(self.tok_embeddings, VQTokenEmbedder):
+            self.tok_embeddings.start_decoding()
 
     def clear_caches(self):
         for layer in list(self.layers) + list(self.output.layers):
             layer.attention.kv_cache = None
         self.causal_mask = self.head_mask = self.seq_pos = self.head_pos = None
+        if isinstance(self.tok_embeddings, VQTokenEmbedder):
+            self.tok_embeddings.stop_decoding()
 
     def step(self, x: torch.Tensor, input_pos: torch.Tensor, kv_len: Optional[int] = None) -> torch.Tensor:
         """Cached main stack: x [B, S, dim] embeddings at sequence slots input_pos [S]
@@ -571,15 +644,23 @@ def infer_config(sd: dict, **overrides) -> dict:
     size with the same dim unless given; cls_token_num and block_size keep their defaults
     (1 and 256) unless given. A caption projection (`cls_embedding.cap_proj`) makes it a t2i model:
     caption_dim and cls_token_num come from the null caption [T, caption_dim], and a word-level text
-    encoder (`text_encoder.*`) gives text_vocab_size and text_layers."""
+    encoder (`text_encoder.*`) gives text_vocab_size and text_layers. Token embeddings from the tokenizer
+    (`tok_embeddings.quantizer.*`, the released --vq-embed-path GPT) give the vq_embed_* fields."""
     t2i = "cls_embedding.cap_proj.fc1.weight" in sd
+    vq = VQ_EMBED_KEY in sd
     cond_keys = ["cls_embedding.cap_proj.fc1.weight", "cls_embedding.uncond_embedding"] if t2i else ["cls_embedding.embedding_table.weight"]
-    need = ["tok_embeddings.codebooks.0.weight", "layers.0.attention.wqkv.weight"] + cond_keys
+    tok_keys = [VQ_EMBED_KEY, "tok_embeddings.post_quant_proj.proj.weight"] if vq else ["tok_embeddings.codebooks.0.weight"]
+    need = tok_keys + ["layers.0.attention.wqkv.weight"] + cond_keys
     missing = [k for k in need if k not in sd]
     if missing:
         raise CheckpointError(f"cannot infer a GPT config: state dict lacks {missing}")
-    sub_vocab, dim = sd["tok_embeddings.codebooks.0.weight"].shape
-    K = _count(sd, "tok_embeddings.codebooks.", ".weight")
+    dim = sd["layers.0.attention.wqkv.weight"].shape[1]
+    if vq:
+        sub_vocab = sd[VQ_EMBED_KEY].shape[0]
+        K = _count(sd, "tok_embeddings.quantizer.codebooks.", ".codebook.weight")
+    else:
+        sub_vocab = sd["tok_embeddings.codebooks.0.weight"].shape[0]
+        K = _count(sd, "tok_embeddings.codebooks.", ".weight")
     cfg = dict(
         dim=dim,
         n_layer=_count(sd, "layers.", ".attention.wqkv.weight"),
@@ -598,6 +679,8 @@ def infer_config(sd: dict, **overrides) -> dict:
             cfg["text_layers"] = _count(sd, "text_encoder.blocks.", ".qkv.weight")
     else:
         cfg["num_classes"] = sd["cls_embedding.embedding_table.weight"].shape[0] - 1
+    if vq:
+        cfg.update(vq_embed_dims(sd, "tok_embeddings."))
     if "n_head" not in overrides:
         by_dim = {s["dim"]: s["n_head"] for s in GPT_SIZES.values()}
         if dim not in by_dim:
@@ -619,6 +702,37 @@ def infer_config(sd: dict, **overrides) -> dict:
     return cfg
 
 
+VQ_EMBED_KEY = "tok_embeddings.quantizer.codebooks.0.codebook.weight"  # present only in a VQTokenEmbedder GPT
+
+
+def vq_embed_dims(sd: dict, prefix: str = "", config: Optional[dict] = None) -> dict:
+    """The vq_embed_* ModelArgs fields from a tokenizer's post_quant_proj weights under `prefix`.
+    Its head count leaves no trace in shapes: `config["proj_heads"]` (a MedITok config) when set, else
+    width // vocab_width, the MedITok rule (16 for the released tokenizer)."""
+    width, vocab_width = sd[f"{prefix}post_quant_proj.proj.weight"].shape
+    heads = int((config or {}).get("proj_heads") or 0) or max(width // vocab_width, 1)
+    return dict(vq_embed_width=int(width), vq_embed_vocab_width=int(vocab_width), vq_embed_heads=heads)
+
+
+def load_vq_embedding(path) -> tuple[dict, dict]:
+    """The tokenizer part of a VQTokenEmbedder from a tokenizer checkpoint: ours (weights under "ema" or
+    "model", config inside), the released plain state dict (meditok_simple_v1.pth) or the released
+    trainer format (weights under ["trainer"]["unitok"]). Returns (state dict of its quantizer.* and
+    post_quant_proj.* tensors, the vq_embed_* ModelArgs fields)."""
+    ckpt = load_checkpoint(path)
+    trainer = ckpt.get("trainer") if isinstance(ckpt, dict) else None
+    if isinstance(trainer, dict) and "unitok" in trainer:
+        sd, config = dict(trainer["unitok"]), None
+    else:
+        sd, _ = extract_state_dict(ckpt, prefer=("ema", "model", "state_dict", "module"))
+        config = ckpt.get("config") if isinstance(ckpt, dict) else None
+    part = {k: v for k, v in sd.items() if k.startswith(("quantizer.", "post_quant_proj."))}
+    if "quantizer.codebooks.0.codebook.weight" not in part or "post_quant_proj.proj.weight" not in part:
+        raise CheckpointError(f"{path}: not a MedITok tokenizer checkpoint (no quantizer.codebooks.* / "
+                              f"post_quant_proj.* weights); keys start with {sorted(sd)[:5]}")
+    return part, vq_embed_dims(part, config=config if isinstance(config, dict) else None)
+
+
 def load_gpt(path, prefer_ema: bool = True, **overrides):
     """Load a GPT checkpoint strictly -> (model in eval mode, raw checkpoint dict).
 
@@ -631,8 +745,6 @@ def load_gpt(path, prefer_ema: bool = True, **overrides):
     sd, where = extract_state_dict(ckpt, prefer=prefer + ("state_dict", "module"))
     if isinstance(ckpt, dict) and isinstance(ckpt.get("config"), dict):
         cfg = dict(ckpt["config"])
-        if cfg.get("vq_embed_path") is None:
-            cfg.pop("vq_embed_path", None)  # an official field we do not implement
         known = {f.name for f in fields(ModelArgs)}
         unknown = sorted(set(cfg) - known)
         if unknown:

@@ -31,7 +31,7 @@ from datasets.manifest import check_tokenizer, read_manifest
 from datasets.metadata import read_metadata
 from models.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
-from models.gpt import GPT_models, TransformerBlock
+from models.gpt import GPT_models, TransformerBlock, load_vq_embedding
 from models.parallel import (DATA_PARALLEL, device_mesh, full_state_dict, gradient_sync, load_full_optimizer_state,
                              load_full_state_dict, load_sharded, prune_sharded, save_sharded, sharded_checkpoints,
                              wrap_model)
@@ -51,7 +51,11 @@ def build_model(args, num_codebooks: int, grid_size: int, **condition):
     # Stochastic depth replaces dropout when it is on (as in the released trainer). `condition`: more
     # ModelArgs fields from the data (t2i: caption_dim, text_vocab_size; see train_t2i.py).
     dropout_p = 0.0 if args.drop_path_rate > 0 else args.dropout_p
-    return GPT_models[args.gpt_model](
+    tokenizer_part = None
+    if getattr(args, "vq_embed_path", None):  # token embeddings from the tokenizer (frozen), see VQTokenEmbedder
+        tokenizer_part, dims = load_vq_embedding(args.vq_embed_path)
+        condition = {**condition, **dims, "vq_embed_path": str(args.vq_embed_path)}
+    model = GPT_models[args.gpt_model](
         vocab_size=args.vocab_size,
         num_codebooks=num_codebooks,
         block_size=grid_size ** 2,
@@ -67,6 +71,9 @@ def build_model(args, num_codebooks: int, grid_size: int, **condition):
         drop_path_rate=args.drop_path_rate,
         **condition,
     )
+    if tokenizer_part is not None:
+        model.tok_embeddings.load_tokenizer(tokenizer_part, context=str(args.vq_embed_path))
+    return model
 
 
 def create_optimizer(model, args):
@@ -499,6 +506,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "manifest beside the codes, else from --vq-ckpt, else the released 32768")
     g.add_argument("--num-codebooks", type=int, default=None, help="codebooks K; checked against the code files (default: from the data)")
     g.add_argument("--num-output-layer", type=int, default=1, help="blocks in the multi-codebook head")
+    g.add_argument("--vq-embed-path", type=str, default=None,
+                   help="tokenizer checkpoint whose quantizer + post_quant_proj (frozen) embed the input codes, "
+                        "followed by a trained projector (the released variant); default: one table per codebook")
     g.add_argument("--cls-token-num", type=int, default=1, help="condition positions before the image tokens")
     g.add_argument("--dropout-p", type=float, default=0.1, help="residual and FFN dropout (0 when --drop-path-rate > 0)")
     g.add_argument("--attn-dropout-p", type=float, default=0.0, help="attention dropout")
