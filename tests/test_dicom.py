@@ -123,17 +123,22 @@ def test_reformats_match_the_nifti_source(mni_series):
             np.testing.assert_allclose(got, window01(ref[::4, ::4], 128, 256), atol=1e-4)
 
 
-def test_reformats_of_a_mirrored_acquisition_are_oriented(tmp_path, mni_series, mni_lps):
+def test_reformats_of_a_mirrored_acquisition_are_oriented(tmp_path):
     # rows run towards the patient's right (ImageOrientationPatient -1, 0, 0 / 0, 1, 0): each file holds the
-    # mirror image; axis 0 gives the files as stored, the reformats are oriented like every other volume
-    folder, _, _ = mni_series
-    write_series(tmp_path / "mirrored", mni_lps[:, :, ::-1] + 1024, orientation=(-1, 0, 0, 0, 1, 0))
-    np.testing.assert_allclose(read_image(tmp_path / "mirrored", 5, window=(128, 256))[..., 0],
-                               window01(mni_lps[5, :, ::-1].astype(float), 128, 256), atol=1e-6)
-    assert volume_shape(tmp_path / "mirrored") == volume_shape(folder)
-    for axis, j in ((1, 20), (2, 10)):
-        np.testing.assert_array_equal(read_image(tmp_path / "mirrored", j, axis, window=(128, 256)),
-                                      read_image(folder, j, axis, window=(128, 256)))
+    # mirror image; axis 0 gives the files as stored, the reformats are oriented like every other volume.
+    # Random values: the MNI template is left-right symmetric and would hide a mirrored reformat.
+    lps = np.random.default_rng(4).integers(0, 2000, (6, 7, 9)).astype(np.int16)
+    write_series(tmp_path / "standard", lps)
+    write_series(tmp_path / "mirrored", lps[:, :, ::-1], orientation=(-1, 0, 0, 0, 1, 0))
+    np.testing.assert_allclose(read_image(tmp_path / "mirrored", 5, window=(0, 4000))[..., 0],
+                               window01(lps[5, :, ::-1] - 1024.0, 0, 4000), atol=1e-6)
+    assert volume_shape(tmp_path / "mirrored") == volume_shape(tmp_path / "standard") == lps.shape
+    for axis, j in ((1, 3), (2, 2)):
+        np.testing.assert_array_equal(read_image(tmp_path / "mirrored", j, axis, window=(0, 4000)),
+                                      read_image(tmp_path / "standard", j, axis, window=(0, 4000)))
+    # coronal: superior at the top, patient right on the left (LPS x ascending)
+    np.testing.assert_allclose(read_image(tmp_path / "mirrored", 3, 1, window=(0, 4000))[..., 0],
+                               window01(lps[::-1, 3, :] - 1024.0, 0, 4000), atol=1e-6)
 
 
 def test_instance_number_orders_a_series_without_positions(tmp_path):
