@@ -205,10 +205,16 @@ def leak_report(rows: list[dict], key, what: str, limit: int = 20) -> list[str]:
 
 
 def prepare_check(args) -> int:
+    """Exit status 0: no leak; 1: groups in several splits; 2: no row has a group value."""
     rows = read_metadata(args.meta)
-    lines = leak_report(rows, group_function(args.group_by), args.group_by)
-    print(f"{args.meta}: " + "\n".join(lines))
-    return 1 if find_leaks(rows, group_function(args.group_by))[0] else 0
+    key = group_function(args.group_by)
+    leaks, missing = find_leaks(rows, key)
+    if rows and missing == len(rows):
+        columns = sorted({c for r in rows for c in r if not c.startswith("_")})
+        print(f"{args.meta}: no row has a value for --group_by {args.group_by}; columns: {', '.join(columns)}")
+        return 2
+    print(f"{args.meta}: " + "\n".join(leak_report(rows, key, args.group_by)))
+    return 1 if leaks else 0
 
 
 # ----------------------------------------------------------------------------------------------

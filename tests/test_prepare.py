@@ -228,6 +228,8 @@ def test_dicom_tree_rows_grouped_by_patient(tmp_path, capsys):
     # by study too; and a regular expression on the identifier (the patient folder)
     assert main(parse_args(["check", str(tmp_path / "leaky.csv"), "--group_by", "StudyInstanceUID"])) == 1
     assert main(parse_args(["check", str(tmp_path / "leaky.csv"), "--group_by", r"re:(PAT\d+)/"])) == 1
+    assert main(parse_args(["check", str(tmp_path / "leaky.csv"), "--group_by", "patient_id"])) == 2
+    assert "no row has a value for --group_by patient_id" in capsys.readouterr().out
 
 
 def test_dicom_per_series_step_and_label_by_description(tmp_path):
