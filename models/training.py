@@ -6,8 +6,8 @@
   (1 + t) / (10 + t) warm-up of the decay.
 - `StepBatchSampler`: the data order, deterministic in (seed, epoch), resumable mid-epoch, equal for
   any number of processes; `data_position` turns a checkpoint back into (epoch, step in the epoch).
-- `rng_state` / `set_rng_state` / `gather_rng_states` / `restore_rng_states`: python, numpy, torch CPU
-  and the process's CUDA device, one state per rank.
+- `seed_process`, `rng_state` / `set_rng_state` / `gather_rng_states` / `restore_rng_states`: python,
+  numpy, torch CPU and the process's CUDA device, one seed and one state per rank.
 - `numbered_checkpoints` / `load_newest_checkpoint` / `prune_checkpoints`: the numbered training
   checkpoints of a folder, the newest one that still loads (a truncated file is skipped, with a warning),
   and keeping only the last N.
@@ -165,6 +165,15 @@ def data_position(saved: Optional[dict], sampler: StepBatchSampler, step: int, e
 # ----------------------------------------------------------------------------------------------
 # RNG state (one per rank, so dropout and augmentation continue exactly after a resume)
 # ----------------------------------------------------------------------------------------------
+def seed_process(seed: int, world_size: int = 1, rank: int = 0) -> None:
+    """Seed python, numpy and torch (CPU and GPU) with this rank's own seed (seed * world_size + rank), so
+    ranks draw different dropout and augmentation; a single process gets `seed` itself."""
+    own = seed * world_size + rank
+    random.seed(own)
+    np.random.seed(own % 2 ** 32)
+    torch.manual_seed(own)
+
+
 def rng_state(device: torch.device) -> dict:
     """This process's python, numpy, torch CPU and (on GPU) CUDA generator states, in tensors and plain
     types that `torch.load(weights_only=True)` reads back."""
@@ -204,9 +213,9 @@ def restore_rng_states(states: Optional[list], rank: int, world_size: int, devic
                        log: logging.Logger, where: str = "checkpoint") -> bool:
     """Set this rank's generators from `gather_rng_states` output; False (and a warning) when the run was
     saved by another number of processes, whose streams cannot be mapped onto this one's."""
-    states = states or []
-    if len(states) != world_size:
-        log.warning(f"{where}: saved by {len(states)} processes, resumed by {world_size}: RNG streams restart")
+    if not isinstance(states, list) or len(states) != world_size:
+        saved_by = f"{len(states)} processes" if isinstance(states, list) else "an older version, without per-rank states"
+        log.warning(f"{where}: saved by {saved_by}, resumed by {world_size}: RNG streams restart")
         return False
     set_rng_state(states[rank], device)
     return True

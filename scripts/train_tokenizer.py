@@ -1,7 +1,7 @@
 """Train or fine-tune a MedITok tokenizer (stage 1: reconstruction), on CPU or GPU, in one or many processes.
 
     torchrun --standalone --nproc_per_node=1 -m scripts.train_tokenizer \
-        --train-data data/demo/metadata.csv --out-dir runs/tok --config MedITok-Tiny --image-size 64
+        --train-data data/demo/metadata.csv --out-dir runs/tok --config MedITok-Tiny --image-size 64 --max-steps 1000
     bash scripts/train_tokenizer.sh            # the same through the launcher (variables from the environment)
 
 Loss = l1 * |rec - x| + l2 * (rec - x)^2 + vq_weight * VQ loss + entropy_weight * entropy loss
@@ -10,22 +10,27 @@ Loss = l1 * |rec - x| + l2 * (rec - x)^2 + vq_weight * VQ loss + entropy_weight 
 Images come through datasets.metadata + datasets.image_dataset (the same reading as batch_infer.py);
 train rows from --train-data (split --train-split), validation rows from --val-data (split --val-split).
 
+How much is learned is a fixed amount of work: --max-steps (or --epochs), a seeded data order and seeded
+augmentation, so the same command gives the same tokenizer on any machine. --max-minutes is only a safety
+stop (off by default): it saves and stops without changing the schedule, and a rerun continues.
+
 OUT_DIR receives
     tokenizer.pt                the final self-describing checkpoint (save_meditok: config, img_size, weights,
                                 EMA weights under "ema"); `batch_infer.py --pretrained_path OUT_DIR/tokenizer.pt`
-    checkpoints/step_NNNNNNN.pt full training state (weights, EMA, optimizers, schedule, step, RNG), written
-                                atomically every --ckpt-every steps; a rerun with the same OUT_DIR resumes
-                                from the newest one exactly where it stopped
+    checkpoints/step_NNNNNNN.pt full training state (weights, EMA, optimizers, schedule, step, data order, every
+                                rank's RNG), written atomically every --ckpt-every steps; a rerun with the same
+                                OUT_DIR resumes from the newest readable one exactly where it stopped
     log.txt, tb/                log and tensorboard (losses, val PSNR/SSIM, codebook usage/perplexity, grids)
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import contextlib
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,10 +43,13 @@ from tqdm import tqdm
 from datasets.image_dataset import ImageDataset
 from datasets.metadata import filter_split, read_metadata
 from evaluation.metrics import psnr, ssim
-from models.checkpoint import load_checkpoint, load_state_dict_strict, state_dict_to_cpu
+from models.checkpoint import load_state_dict_strict, state_dict_to_cpu
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from models.meditok import MEDITOK_CONFIGS, MedITok, build_meditok, save_meditok
+from models.training import (LRSchedule, StepBatchSampler, autocast_context, data_position, ema_decay_at,
+                             gather_rng_states, load_newest_checkpoint, numbered_checkpoints, prune_checkpoints,
+                             restore_rng_states, seed_process, set_lr, update_ema)
 from scripts.cli import ArgumentParser
 
 CKPT_PREFIX = "step_"
@@ -80,29 +88,22 @@ def load_all(dataset: ImageDataset, batch_size: int, num_workers: int, progress:
     return torch.cat([b["image"] for b in tqdm(loader, desc=desc, disable=not progress, leave=False)])
 
 
-def epoch_batches(n: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int) -> list[list[int]]:
-    """This rank's index batches for `epoch`: a seeded permutation, cut into global batches (the last,
-    incomplete one dropped), each strided over ranks. Depends only on (seed, epoch): resume needs no state."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
-    return [perm[i:i + batch_size][rank::world_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def batch_stream(train_set: ImageDataset, cache, args, world_size: int, rank: int, step: int,
-                 steps_per_epoch: int, jitter, pin_memory: bool):
-    """Yield this rank's training batches [b, C, S, S] from global step `step` on, epoch after epoch."""
+def train_batches(train_set: ImageDataset, cache: Optional[torch.Tensor], sampler: StepBatchSampler, epoch: int,
+                  first: int, num_workers: int, jitter: Optional[CTWindowJitter], pin_memory: bool) -> Iterator[torch.Tensor]:
+    """This rank's training batches [b, C, S, S] from step `first` of `epoch` on, epoch after epoch. The order
+    is the sampler's (seeded per epoch), so a resumed run sees what an uninterrupted one would have."""
     while True:
-        epoch, first = divmod(step, steps_per_epoch)
-        batches = epoch_batches(len(train_set), args.batch_size, world_size, rank, args.seed, epoch)[first:]
+        sampler.set_epoch(epoch, first)
         if cache is not None:
-            for ids in batches:
+            for ids in sampler:
                 yield cache[ids]
         else:
             if jitter is not None:
                 jitter.epoch = epoch  # set before the workers start: they receive a copy
-            loader = DataLoader(train_set, batch_sampler=batches, num_workers=args.num_workers, pin_memory=pin_memory)
+            loader = DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
             for batch in loader:
                 yield batch["image"]
-        step += len(batches)
+        epoch, first = epoch + 1, 0
 
 
 def augment(x: torch.Tensor, args, seed: int, step: int, rank: int) -> torch.Tensor:
@@ -116,26 +117,8 @@ def augment(x: torch.Tensor, args, seed: int, step: int, rank: int) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------
-# Model pieces: schedule, EMA, gradient checkpointing, adaptive GAN weight, dead codes
+# Model pieces: gradient checkpointing, adaptive GAN weight, dead codes
 # ----------------------------------------------------------------------------------------------
-def lr_at(step: int, lr: float, total_steps: int, warmup_steps: int, end_ratio: float) -> float:
-    """Linear warm-up over `warmup_steps`, then cosine decay to `end_ratio * lr` at `total_steps`."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return lr * (end_ratio + (1 - end_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
-    # Warm-up of the decay ((1 + t) / (10 + t)): short CPU runs average recent weights, not the random init.
-    d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - d)
-    for e, b in zip(ema.buffers(), model.buffers()):
-        e.copy_(b)
-
-
 class CheckpointedSequential(nn.Sequential):
     """nn.Sequential that recomputes each block's activations in backward (same child names, same keys)."""
 
@@ -194,10 +177,10 @@ def restart_dead_codes(model: MedITok, x: torch.Tensor, threshold: float, seed: 
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation: PSNR / SSIM (evaluation.metrics), code usage and perplexity, a reconstruction grid
+# Validation: PSNR / SSIM (torchmetrics), code usage and perplexity, a reconstruction grid
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(model: MedITok, images: torch.Tensor, args, device, autocast) -> tuple[dict, torch.Tensor]:
+def evaluate(model: MedITok, images: torch.Tensor, args, device) -> tuple[dict, torch.Tensor]:
     """Metrics over `images` [N, C, S, S] in [-1, 1] and the reconstructions of the first few."""
     was_training = model.training
     model.eval()
@@ -206,7 +189,7 @@ def evaluate(model: MedITok, images: torch.Tensor, args, device, autocast) -> tu
     psnrs, ssims, first = [], [], None
     for i in range(0, len(images), args.batch_size):
         x = images[i:i + args.batch_size].to(device)
-        with autocast():
+        with autocast_context(device, args.precision):
             idx = model.img_to_idx(x)  # [b, K, L]
             rec = model.idx_to_img(idx).float()  # [b, C, S, S] in [-1, 1]
         psnrs.append(psnr(rec, x, (-1, 1)))  # [b]
@@ -227,73 +210,36 @@ def evaluate(model: MedITok, images: torch.Tensor, args, device, autocast) -> tu
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Build or resume: tokenizer, EMA, discriminator, perceptual loss, optimizers, RNG
 # ----------------------------------------------------------------------------------------------
-def checkpoint_files(ckpt_dir: Path) -> list[Path]:
-    """Training checkpoints in `ckpt_dir`, oldest first (the step is in the name)."""
-    return sorted(ckpt_dir.glob(f"{CKPT_PREFIX}*.pt"))
+@dataclass
+class Parts:
+    """What a training step updates. `model` and `disc` are what the step calls (DDP-wrapped with several
+    processes); `raw` and `raw_disc` are the plain modules that checkpoints are written from."""
+    raw: MedITok
+    model: nn.Module
+    ema: Optional[MedITok]
+    raw_disc: Optional[PatchDiscriminator]
+    disc: Optional[nn.Module]
+    opt: torch.optim.Optimizer
+    disc_opt: Optional[torch.optim.Optimizer]
+    perceptual: Optional[nn.Module]
+    last_layer: torch.Tensor
 
 
-def save_training_state(path: Path, raw: MedITok, ema, disc, opt, disc_opt, state: dict, args) -> None:
-    extra = {
-        "optimizer": opt.state_dict(),
-        "scheduler": {"total_steps": state["total_steps"], "warmup_steps": args.warmup_steps,
-                      "lr": args.lr, "end_ratio": args.end_lr_ratio},
-        "step": state["step"],
-        "elapsed_s": state["elapsed_s"],
-        # Not in the state dict: how many usage updates each codebook has seen (sets their momentum).
-        "usage_updates": [cb.usage_updates for cb in raw.quantizer.codebooks],
-        "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})},
-        "args": vars(args),
-    }
-    if ema is not None:
-        extra["ema"] = state_dict_to_cpu(ema)
-    if disc is not None:
-        extra["disc"] = state_dict_to_cpu(disc)
-        extra["disc_optimizer"] = disc_opt.state_dict()
-    save_meditok(raw, path, extra)
+def is_training_state(ckpt) -> bool:
+    return isinstance(ckpt, dict) and "optimizer" in ckpt and "step" in ckpt
 
 
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    for p in checkpoint_files(ckpt_dir)[:-keep] if keep > 0 else []:
-        p.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-def main(args):
-    t_start = time.time()
-    rank, world_size, device = setup_distributed()
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} processes")
-    out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
-    if rank == 0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    logger = create_logger("train_tokenizer", out_dir, rank)
-    progress = rank == 0 and not args.no_progress
-    torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    use_bf16 = device.type == "cuda" and args.precision == "bf16"
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    logger.info(f"args: {vars(args)}")
-    logger.info(f"world_size={world_size}, device={device}, bf16={use_bf16}")
-
-    # ---- model: resume (OUT_DIR) > fine-tune (--init-ckpt) > from scratch (--config) ----
-    resume = checkpoint_files(ckpt_dir)[-1] if checkpoint_files(ckpt_dir) else None
+def build_tokenizer(args, device: torch.device, resume: Optional[Path], logger) -> MedITok:
+    """The tokenizer to train: resumed (OUT_DIR's checkpoint) > fine-tuned (--init-ckpt) > new (--config)."""
     overrides = {"use_entropy_loss": args.entropy_weight > 0}
     if resume is not None:
-        ckpt = load_checkpoint(resume)
         model = build_meditok(resume, prefer_ema=False, device=device, **overrides)
-        logger.info(f"resuming from {resume} (step {ckpt['step']})")
     elif args.init_ckpt:
-        ckpt = None
         model = build_meditok(args.init_ckpt, img_size=args.image_size, device=device, **overrides)
         logger.info(f"fine-tuning from {args.init_ckpt} (config {model.config})")
     else:
-        ckpt = None
         model = build_meditok(model_name=args.config, img_size=args.image_size, device=device, **overrides)
     if model.img_size != args.image_size:
         raise ValueError(f"the model in {resume or args.init_ckpt} is built for {model.img_size} px, "
@@ -306,216 +252,335 @@ def main(args):
     model.logit_scale.requires_grad_(False)
     if args.grad_checkpointing:
         enable_grad_checkpointing(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.info(f"MedITok: {n_params / 1e6:.2f}M parameters, grid {model.grid_size}x{model.grid_size}, "
-                f"{model.num_codebooks} codebooks x {model.codebook_size} codes")
-    ema = copy.deepcopy(model).eval().requires_grad_(False) if args.ema_decay > 0 else None
-    disc = PatchDiscriminator(model.in_chans, args.disc_width, args.disc_layers).to(device) if args.disc_weight > 0 else None
+    logger.info(f"MedITok: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, grid "
+                f"{model.grid_size}x{model.grid_size}, {model.num_codebooks} codebooks x {model.codebook_size} codes")
+    return model
+
+
+def build_optimizers(args, model: MedITok, disc: Optional[nn.Module]):
+    # Matrices get weight decay; norms, biases and codebooks do not.
+    def decays(name, p):
+        return p.dim() >= 2 and "codebook" not in name
+
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": [p for n, p in trained if decays(n, p)], "weight_decay": args.weight_decay},
+                             {"params": [p for n, p in trained if not decays(n, p)], "weight_decay": 0.0}],
+                            lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8)
+    disc_opt = None
+    if disc is not None:
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+    return opt, disc_opt
+
+
+def restore(ckpt: dict, path: Path, raw: MedITok, ema, raw_disc, opt, disc_opt, rank: int, world_size: int,
+            device: torch.device, logger) -> int:
+    """Load the training state of `ckpt` (the weights are already in `raw`); returns its step."""
+    if ema is not None and "ema" in ckpt:
+        load_state_dict_strict(ema, ckpt["ema"], context=f"{path} [ema]")
+    opt.load_state_dict(ckpt["optimizer"])
+    if raw_disc is not None:
+        if "disc" not in ckpt:
+            raise ValueError(f"{path} has no discriminator state but --disc-weight > 0")
+        load_state_dict_strict(raw_disc, ckpt["disc"], context=f"{path} [disc]")
+        disc_opt.load_state_dict(ckpt["disc_optimizer"])
+    for cb, n in zip(raw.quantizer.codebooks, ckpt["usage_updates"]):
+        cb.usage_updates = n
+    restore_rng_states(ckpt.get("rng"), rank, world_size, device, logger, str(path))
+    logger.info(f"resuming from {path} (step {ckpt['step']})")
+    return int(ckpt["step"])
+
+
+def build_or_resume(args, device: torch.device, ckpt_dir: Path, world_size: int, rank: int,
+                    logger) -> tuple[Parts, int, Optional[dict]]:
+    """(parts, step to start at, the checkpoint resumed from or None). A rerun with the same OUT_DIR resumes
+    from its newest readable checkpoint (a truncated newer one is skipped and named in the log)."""
+    resume, ckpt = load_newest_checkpoint(numbered_checkpoints(ckpt_dir, CKPT_PREFIX), logger, is_training_state)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    raw = build_tokenizer(args, device, resume, logger)
+    ema = copy.deepcopy(raw).eval().requires_grad_(False) if args.ema_decay > 0 else None
+    raw_disc = None
+    if args.disc_weight > 0:
+        raw_disc = PatchDiscriminator(raw.in_chans, args.disc_width, args.disc_layers).to(device)
     perceptual = None
     if args.perceptual_weights:
         from models.losses import PerceptualLoss
 
         perceptual = PerceptualLoss(args.perceptual_weights).to(device)
-
-    # Matrices get weight decay; norms, biases and codebooks do not.
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "codebook" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "codebook" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                            betas=(args.beta1, args.beta2), eps=1e-8)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9),
-                                 weight_decay=args.weight_decay) if disc is not None else None
-
-    step, elapsed_before = 0, 0.0
+    opt, disc_opt = build_optimizers(args, raw, raw_disc)
+    seed_process(args.seed, world_size, rank)  # each rank its own stream from here on
+    step = 0
     if ckpt is not None:
-        if ema is not None and "ema" in ckpt:
-            load_state_dict_strict(ema, ckpt["ema"], context=f"{resume} [ema]")
-        opt.load_state_dict(ckpt["optimizer"])
-        if disc is not None:
-            if "disc" not in ckpt:
-                raise ValueError(f"{resume} has no discriminator state but --disc-weight > 0")
-            load_state_dict_strict(disc, ckpt["disc"], context=f"{resume} [disc]")
-            disc_opt.load_state_dict(ckpt["disc_optimizer"])
-        for cb, n in zip(model.quantizer.codebooks, ckpt["usage_updates"]):
-            cb.usage_updates = n
-        step, elapsed_before = int(ckpt["step"]), float(ckpt["elapsed_s"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in ckpt["rng"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    raw = model
+        step = restore(ckpt, resume, raw, ema, raw_disc, opt, disc_opt, rank, world_size, device, logger)
+    model, disc = raw, raw_disc
     if world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        disc = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) if disc is not None else None
-    raw_disc = disc.module if isinstance(disc, DDP) else disc
+        ids = [device.index] if device.type == "cuda" else None
+        model = DDP(raw, device_ids=ids)
+        disc = DDP(raw_disc, device_ids=ids) if raw_disc is not None else None
+    parts = Parts(raw, model, ema, raw_disc, disc, opt, disc_opt, perceptual, last_decoder_layer(raw))
+    return parts, step, ckpt
 
-    # ---- data ----
+
+def save_training_state(path: Path, parts: Parts, schedule: LRSchedule, sampler: StepBatchSampler, step: int,
+                        args, device: torch.device, rank: int) -> None:
+    """Every rank's RNG state is gathered (all ranks call this), rank 0 writes the file atomically."""
+    rng = gather_rng_states(device)
+    if rank != 0:
+        return
+    extra = {
+        "optimizer": parts.opt.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "step": step,
+        "data": sampler.state_dict(),
+        # Not in the state dict: how many usage updates each codebook has seen (sets their momentum).
+        "usage_updates": [cb.usage_updates for cb in parts.raw.quantizer.codebooks],
+        "rng": rng,
+        "args": vars(args),
+    }
+    if parts.ema is not None:
+        extra["ema"] = state_dict_to_cpu(parts.ema)
+    if parts.raw_disc is not None:
+        extra["disc"] = state_dict_to_cpu(parts.raw_disc)
+        extra["disc_optimizer"] = parts.disc_opt.state_dict()
+    save_meditok(parts.raw, path, extra)
+    prune_checkpoints(path.parent, args.keep_last, CKPT_PREFIX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    train_set: ImageDataset
+    sampler: StepBatchSampler  # this rank's share of each global batch, seeded per epoch
+    cache: Optional[torch.Tensor]  # [N, C, S, S] the decoded train set, when it fits in --cache-gb
+    jitter: Optional[CTWindowJitter]
+    val_images: Optional[torch.Tensor]  # [M, C, S, S]
+
+
+def load_data(args, channels: int, world_size: int, rank: int, logger, progress: bool) -> Data:
     jitter = CTWindowJitter(args.seed) if args.random_ct_window else None
-    model_channels = raw.in_chans
-    train_set = make_dataset(args.train_data, args.train_split, args, model_channels, jitter)
+    train_set = make_dataset(args.train_data, args.train_split, args, channels, jitter)
     if len(train_set) < args.batch_size:
         raise ValueError(f"{args.train_data}: {len(train_set)} rows of split '{args.train_split}', "
                          f"fewer than one batch of {args.batch_size}")
-    val_set = make_dataset(args.val_data or args.train_data, args.val_split, args, model_channels)
+    sampler = StepBatchSampler(len(train_set), args.batch_size, world_size, rank, seed=args.seed)
+    val_set = make_dataset(args.val_data or args.train_data, args.val_split, args, channels)
     if len(val_set) > args.val_max_images:
         val_set.rows = val_set.rows[:: math.ceil(len(val_set) / args.val_max_images)]
     val_images = load_all(val_set, args.batch_size, args.num_workers, progress, "val images") if len(val_set) else None
     logger.info(f"{len(train_set)} train images ({args.train_split}), {len(val_set)} val images ({args.val_split})")
     if val_images is None:
         logger.warning("no validation rows: PSNR/SSIM are not measured")
-    item_bytes = model_channels * args.image_size ** 2 * 4
     cache = None
-    if jitter is None and len(train_set) * item_bytes <= args.cache_gb * 2 ** 30:
+    if jitter is None and len(train_set) * channels * args.image_size ** 2 * 4 <= args.cache_gb * 2 ** 30:
         # Small sets (the quickstart's): decode once; every epoch then costs no reading at all.
         cache = load_all(train_set, args.batch_size, args.num_workers, progress, "caching train images")
-    steps_per_epoch = len(train_set) // args.batch_size
-    total_steps = args.max_steps or args.epochs * steps_per_epoch
-    if ckpt is not None:
-        total_steps = int(ckpt["scheduler"]["total_steps"])  # the schedule the run was started with
+    return Data(train_set, sampler, cache, jitter, val_images)
 
-    writer = None
-    if rank == 0 and not args.no_tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out_dir / "tb"))
-    last_layer = last_decoder_layer(raw)
-    budget_s = args.max_minutes * 60 if args.max_minutes else None
-    t_run, step_run = time.time(), step  # for the speed estimate of this process
-    stop_at = min(total_steps, args.stop_at_step or total_steps)
-
-    def elapsed() -> float:
-        return elapsed_before + time.time() - t_start
-
-    def log_eval(step: int):
-        if val_images is None:
-            return None
-        results = {}
-        for name, m in [("model", raw)] + ([("ema", ema)] if ema is not None else []):
-            metrics, grid = evaluate(m, val_images, args, device, autocast)
-            results[name] = metrics
-            if writer is not None:
-                writer.add_scalar(f"val/psnr_{name}", metrics["psnr"], step)
-                writer.add_scalar(f"val/ssim_{name}", metrics["ssim"], step)
-                for k in range(len(metrics["usage"])):
-                    writer.add_scalar(f"codebook_usage/{name}_{k}", metrics["usage"][k], step)
-                    writer.add_scalar(f"codebook_perplexity/{name}_{k}", metrics["perplexity"][k], step)
-                from torchvision.utils import make_grid
-
-                pair = torch.cat([val_images[: len(grid)], grid])  # originals above reconstructions
-                writer.add_image(f"val/reconstructions_{name}", make_grid((pair + 1) / 2, nrow=len(grid)), step)
-            logger.info(f"step {step}: val[{name}] PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
-                        f"usage {metrics['usage'].mean():.3f}, perplexity {metrics['perplexity'].mean():.1f}")
-        return results
-
-    # ---- loop ----
-    logger.info(f"training steps {step} -> {stop_at} (schedule {total_steps} steps, {steps_per_epoch} per epoch)"
-                + (f", at most {args.max_minutes} min" if budget_s else ""))
-    bar = tqdm(total=stop_at, initial=step, disable=not progress, desc="train")
-    stream = batch_stream(train_set, cache, args, world_size, rank, step, steps_per_epoch, jitter,
-                          pin_memory=device.type == "cuda")
-    while step < stop_at:
-        if budget_s is not None and elapsed() >= budget_s - args.reserve_s:
-            logger.info(f"--max-minutes {args.max_minutes} reached at step {step}")
-            break
-        x = augment(next(stream).to(device, non_blocking=True), args, args.seed, step, rank)
-        lr = lr_at(step, args.lr, total_steps, args.warmup_steps, args.end_lr_ratio)
-        for group in opt.param_groups:
-            group["lr"] = lr
-
-        # Tokenizer step.
-        gan_on = disc is not None and step >= args.disc_start
-        with autocast():
-            out = model(x)
-            rec = out["rec"].float()
-            l1, l2 = (rec - x).abs().mean(), F.mse_loss(rec, x)
-            rec_loss = args.l1 * l1 + args.l2 * l2
-            if perceptual is not None:
-                rec_loss = rec_loss + args.perceptual_weight * perceptual(rec, x)
-            loss = rec_loss + args.vq_weight * out["vq_loss"] + args.entropy_weight * out["entropy_loss"]
-            g_loss, gan_w = torch.zeros((), device=device), torch.zeros((), device=device)
-            if gan_on:
-                # The unwrapped discriminator, frozen: its DDP wrapper runs once per step, in the D step.
-                raw_disc.requires_grad_(False)
-                g_loss = hinge_g_loss(raw_disc(rec))
-                raw_disc.requires_grad_(True)
-                gan_w = args.disc_weight * (adaptive_gan_weight(rec_loss, g_loss, last_layer)
-                                            if args.disc_adaptive else 1.0)
-                loss = loss + gan_w * g_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
-        opt.step()
-        if ema is not None:
-            update_ema(ema, raw, args.ema_decay, step)
-
-        # Discriminator step (on the detached reconstructions).
-        d_loss = torch.zeros((), device=device)
+# ----------------------------------------------------------------------------------------------
+# One step
+# ----------------------------------------------------------------------------------------------
+def train_step(parts: Parts, x: torch.Tensor, step: int, lr: float, disc_lr: float, args) -> dict[str, torch.Tensor]:
+    """One optimizer step of the tokenizer on x [b, C, S, S] (then its EMA update), and one of the
+    discriminator once the GAN is on. Returns the losses as tensors (not synchronised)."""
+    zero = torch.zeros((), device=x.device)
+    gan_on = parts.disc is not None and step >= args.disc_start
+    set_lr(parts.opt, lr)
+    with autocast_context(x.device, args.precision):
+        out = parts.model(x)
+        rec = out["rec"].float()
+        l1, l2 = (rec - x).abs().mean(), F.mse_loss(rec, x)
+        rec_loss = args.l1 * l1 + args.l2 * l2
+        if parts.perceptual is not None:
+            rec_loss = rec_loss + args.perceptual_weight * parts.perceptual(rec, x)
+        loss = rec_loss + args.vq_weight * out["vq_loss"] + args.entropy_weight * out["entropy_loss"]
+        g_loss, gan_w = zero, zero
         if gan_on:
-            disc_opt.param_groups[0]["lr"] = lr_at(step, args.disc_lr, total_steps, args.warmup_steps, args.end_lr_ratio)
-            with autocast():
-                logits = disc(torch.cat([x, rec.detach()]))  # one forward: real and fake halves
-                d_loss = hinge_d_loss(logits[: len(x)], logits[len(x):])
-            disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            disc_opt.step()
-        step += 1
-        bar.update(1)
+            # The unwrapped discriminator, frozen: its DDP wrapper runs once per step, in the D step.
+            parts.raw_disc.requires_grad_(False)
+            g_loss = hinge_g_loss(parts.raw_disc(rec))
+            parts.raw_disc.requires_grad_(True)
+            gan_w = args.disc_weight * (adaptive_gan_weight(rec_loss, g_loss, parts.last_layer)
+                                        if args.disc_adaptive else 1.0)
+            loss = loss + gan_w * g_loss
+    parts.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.raw.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+    parts.opt.step()
+    if parts.ema is not None:
+        update_ema(parts.ema, parts.raw, ema_decay_at(args.ema_decay, step, warmup=True))
 
+    d_loss = zero
+    if gan_on:  # on the detached reconstructions; one forward for the real and fake halves
+        set_lr(parts.disc_opt, disc_lr)
+        with autocast_context(x.device, args.precision):
+            logits = parts.disc(torch.cat([x, rec.detach()]))
+            d_loss = hinge_d_loss(logits[: len(x)], logits[len(x):])
+        parts.disc_opt.zero_grad(set_to_none=True)
+        d_loss.backward()
+        parts.disc_opt.step()
+    return {"loss": loss, "l1": l1, "l2": l2, "vq": out["vq_loss"], "entropy": out["entropy_loss"], "g": g_loss,
+            "d": d_loss, "gan_weight": torch.as_tensor(gan_w), "grad_norm": grad_norm, "usage": out["usage"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Budget: the amount of work is fixed; --max-minutes is only a safety stop
+# ----------------------------------------------------------------------------------------------
+class Budget:
+    """Off unless --max-minutes > 0. When spent, training saves and stops at a step boundary; the schedule is
+    never changed, so what a step learns does not depend on the machine and a rerun continues the run.
+    Rank 0's clock decides for every rank (they must stop at the same step)."""
+
+    def __init__(self, minutes: float, device: torch.device):
+        self.minutes, self.device = minutes, device
+        self.deadline = time.time() + 60 * minutes if minutes > 0 else None
+
+    def spent(self) -> bool:
+        if self.deadline is None:
+            return False
+        flag = torch.tensor(float(time.time() >= self.deadline), device=self.device)
+        if is_dist():
+            dist.broadcast(flag, 0)
+        return bool(flag)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logging: text log, progress bar, tensorboard (rank 0)
+# ----------------------------------------------------------------------------------------------
+class TrainLog:
+    def __init__(self, args, out_dir: Path, rank: int, logger, step: int, stop_at: int):
+        self.args, self.logger = args, logger
+        self.writer = None
+        if rank == 0 and not args.no_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tb"))
+        self.bar = tqdm(total=stop_at, initial=step, disable=rank != 0 or args.no_progress, desc="train")
+        self.t0, self.step0 = time.time(), step  # the speed of this process
+
+    def train(self, step: int, total_steps: int, lr: float, losses: dict, restarted: int, gan_on: bool) -> None:
+        self.bar.update(1)
+        if step % self.args.log_every and step != self.bar.total:
+            return
+        speed = (step - self.step0) / max(time.time() - self.t0, 1e-9)
+        v = {k: t.item() for k, t in losses.items() if k != "usage"}  # the only host syncs of a step
+        usage = losses["usage"].tolist()  # [K] fraction of each codebook used by the batch
+        msg = (f"step {step}/{total_steps} loss {v['loss']:.4f} l1 {v['l1']:.4f} l2 {v['l2']:.4f} vq {v['vq']:.4f} "
+               f"usage {sum(usage) / len(usage):.3f} lr {lr:.2e} grad {v['grad_norm']:.2f} {speed:.2f} steps/s")
+        if gan_on:
+            msg += f" g {v['g']:.4f} d {v['d']:.4f} w {v['gan_weight']:.3f}"
+        if restarted:
+            msg += f" restarted {restarted} codes"
+        self.logger.info(msg)
+        self.bar.set_postfix(loss=f"{v['loss']:.4f}")
+        if self.writer is not None:
+            for name, value in v.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
+            self.writer.add_scalar("train/lr", lr, step)
+            self.writer.add_scalar("train/steps_per_s", speed, step)
+            for k, u in enumerate(usage):
+                self.writer.add_scalar(f"train/batch_usage_{k}", u, step)
+
+    def val(self, step: int, name: str, metrics: dict, originals: torch.Tensor, grid: torch.Tensor) -> None:
+        if self.writer is not None:
+            from torchvision.utils import make_grid
+
+            self.writer.add_scalar(f"val/psnr_{name}", metrics["psnr"], step)
+            self.writer.add_scalar(f"val/ssim_{name}", metrics["ssim"], step)
+            for k in range(len(metrics["usage"])):
+                self.writer.add_scalar(f"codebook_usage/{name}_{k}", metrics["usage"][k], step)
+                self.writer.add_scalar(f"codebook_perplexity/{name}_{k}", metrics["perplexity"][k], step)
+            pair = torch.cat([originals[: len(grid)], grid])  # originals above reconstructions
+            self.writer.add_image(f"val/reconstructions_{name}", make_grid((pair + 1) / 2, nrow=len(grid)), step)
+        self.logger.info(f"step {step}: val[{name}] PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+                         f"usage {metrics['usage'].mean():.3f}, perplexity {metrics['perplexity'].mean():.1f}")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def validate(parts: Parts, data: Data, args, device: torch.device, step: int, log: TrainLog) -> Optional[dict]:
+    """Validation metrics of the trained weights and of their EMA ({"model": ..., "ema": ...})."""
+    if data.val_images is None:
+        return None
+    results = {}
+    for name, m in [("model", parts.raw)] + ([("ema", parts.ema)] if parts.ema is not None else []):
+        results[name], grid = evaluate(m, data.val_images, args, device)
+        log.val(step, name, results[name], data.val_images, grid)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------
+def main(args):
+    rank, world_size, device = setup_distributed()
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} processes")
+    out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    logger = create_logger("train_tokenizer", out_dir, rank)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    logger.info(f"args: {vars(args)}")
+    logger.info(f"world_size={world_size}, device={device}, precision={args.precision if device.type == 'cuda' else 'fp32'}")
+
+    parts, step, ckpt = build_or_resume(args, device, ckpt_dir, world_size, rank, logger)
+    data = load_data(args, parts.raw.in_chans, world_size, rank, logger, progress=rank == 0 and not args.no_progress)
+
+    # The amount of work: --max-steps, else --epochs; the schedule follows the command line.
+    steps_per_epoch = data.sampler.steps_per_epoch
+    total_steps = args.max_steps or args.epochs * steps_per_epoch
+    schedule = LRSchedule(args.lr, total_steps, args.warmup_steps, "cosine", args.end_lr_ratio * args.lr)
+    disc_schedule = LRSchedule(args.disc_lr, total_steps, args.warmup_steps, "cosine", args.end_lr_ratio * args.disc_lr)
+    epoch, first = divmod(step, steps_per_epoch)
+    if ckpt is not None:
+        schedule.log_change(ckpt.get("scheduler"), logger)
+        epoch, first = data_position(ckpt.get("data"), data.sampler, step, epoch, first, logger)
+    stop_at = min(total_steps, args.stop_at_step or total_steps)
+    budget = Budget(args.max_minutes, device)
+    log = TrainLog(args, out_dir, rank, logger, step, stop_at)
+    logger.info(f"training steps {step} -> {stop_at} (schedule {total_steps} steps, {steps_per_epoch} per epoch)"
+                + (f"; safety stop after {args.max_minutes} min" if budget.deadline else ""))
+
+    batches = train_batches(data.train_set, data.cache, data.sampler, epoch, first, args.num_workers, data.jitter,
+                            pin_memory=device.type == "cuda")
+    while step < stop_at:
+        x = augment(next(batches).to(device, non_blocking=True), args, args.seed, step, rank)
+        lr, gan_on = schedule(step), parts.disc is not None and step >= args.disc_start
+        losses = train_step(parts, x, step, lr, disc_schedule(step), args)
+        step += 1
         restarted = 0
         if args.dead_code_every and step % args.dead_code_every == 0:
-            restarted = restart_dead_codes(raw, x, args.dead_code_threshold, args.seed, step)
-        if step % args.log_every == 0 or step == stop_at:
-            speed = (step - step_run) / max(time.time() - t_run, 1e-9)
-            msg = (f"step {step}/{total_steps} loss {loss.item():.4f} l1 {l1.item():.4f} l2 {l2.item():.4f} "
-                   f"vq {out['vq_loss'].item():.4f} usage {out['usage'].mean().item():.3f} lr {lr:.2e} "
-                   f"grad {grad_norm.item():.2f} {speed:.2f} steps/s")
-            if gan_on:
-                msg += f" g {g_loss.item():.4f} d {d_loss.item():.4f} w {float(gan_w):.3f}"
-            if restarted:
-                msg += f" restarted {restarted} codes"
-            logger.info(msg)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if writer is not None:
-                for name, value in [("loss", loss), ("l1", l1), ("l2", l2), ("vq", out["vq_loss"]),
-                                    ("entropy", out["entropy_loss"]), ("g", g_loss), ("d", d_loss),
-                                    ("gan_weight", gan_w), ("grad_norm", grad_norm)]:
-                    writer.add_scalar(f"train/{name}", float(torch.as_tensor(value).detach()), step)
-                writer.add_scalar("train/lr", lr, step)
-                writer.add_scalar("train/steps_per_s", speed, step)
-                for k, u in enumerate(out["usage"].tolist()):
-                    writer.add_scalar(f"train/batch_usage_{k}", u, step)
+            restarted = restart_dead_codes(parts.raw, x, args.dead_code_threshold, args.seed, step)
+        log.train(step, total_steps, lr, losses, restarted, gan_on)
         if args.eval_every and step % args.eval_every == 0 and step < stop_at:
-            log_eval(step)
-        if budget_s is not None and step - step_run >= args.calibration_steps and step % args.calibration_steps == 0:
-            # Fit the cosine schedule into the time budget, from the speed measured so far (evaluations
-            # included); re-checked every --calibration-steps since a shared machine's speed changes.
-            per_step = (time.time() - t_run) / (step - step_run)
-            fit = step + int((budget_s - elapsed() - args.reserve_s) / per_step)
-            if fit < total_steps:
-                total_steps = max(step + 1, fit)
-                stop_at = min(stop_at, total_steps)
-                bar.total = stop_at
-                logger.info(f"--max-minutes: {per_step:.2f} s/step, schedule shortened to {total_steps} steps")
-        if args.ckpt_every and step % args.ckpt_every == 0 and step < stop_at and rank == 0:
-            save_training_state(ckpt_dir / f"{CKPT_PREFIX}{step:07d}.pt", raw, ema, raw_disc, opt, disc_opt,
-                                {"step": step, "total_steps": total_steps, "elapsed_s": elapsed()}, args)
-            prune_checkpoints(ckpt_dir, args.keep_checkpoints)
-    bar.close()
+            validate(parts, data, args, device, step, log)
+        if args.ckpt_every and step % args.ckpt_every == 0 and step < stop_at:
+            save_training_state(ckpt_dir / f"{CKPT_PREFIX}{step:07d}.pt", parts, schedule, data.sampler, step, args,
+                                device, rank)
+        if step < stop_at and budget.spent():
+            logger.warning(f"--max-minutes {args.max_minutes} reached at step {step} of {total_steps}: saving and "
+                           f"stopping; rerun the same command to continue")
+            break
 
-    # ---- the end: full training state, final evaluation, tokenizer.pt ----
-    results = log_eval(step)
+    # The end: full training state, final evaluation, tokenizer.pt.
+    results = validate(parts, data, args, device, step, log)
+    save_training_state(ckpt_dir / f"{CKPT_PREFIX}{step:07d}.pt", parts, schedule, data.sampler, step, args, device, rank)
     if rank == 0:
-        state = {"step": step, "total_steps": total_steps, "elapsed_s": elapsed()}
-        save_training_state(ckpt_dir / f"{CKPT_PREFIX}{step:07d}.pt", raw, ema, raw_disc, opt, disc_opt, state, args)
-        prune_checkpoints(ckpt_dir, args.keep_checkpoints)
         summary = {name: {"psnr": r["psnr"], "ssim": r["ssim"], "usage": r["usage"].tolist(),
                           "perplexity": r["perplexity"].tolist()} for name, r in (results or {}).items()}
         extra = {"step": step, "args": vars(args), "val": summary}
-        if ema is not None:
-            extra["ema"] = state_dict_to_cpu(ema)  # build_meditok prefers these weights
-        save_meditok(raw, out_dir / "tokenizer.pt", extra)
-        logger.info(f"wrote {out_dir / 'tokenizer.pt'} after {step} steps, {elapsed() / 60:.1f} min")
-    if writer is not None:
-        writer.close()
+        if parts.ema is not None:
+            extra["ema"] = state_dict_to_cpu(parts.ema)  # build_meditok prefers these weights
+        save_meditok(parts.raw, out_dir / "tokenizer.pt", extra)
+        logger.info(f"wrote {out_dir / 'tokenizer.pt'} after {step} steps")
+    log.close()
     if is_dist():
         dist.barrier()
         dist.destroy_process_group()
@@ -552,12 +617,11 @@ def get_parser() -> argparse.ArgumentParser:
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")
     optim.add_argument("--epochs", type=int, default=10, help="epochs (sets the schedule length unless --max-steps)")
-    optim.add_argument("--max-steps", type=int, default=0, help="schedule length in steps (0: from --epochs)")
+    optim.add_argument("--max-steps", type=int, default=0,
+                       help="optimizer steps of the run and length of its schedule (0: from --epochs)")
     optim.add_argument("--max-minutes", type=float, default=0.0,
-                       help="wall-time budget: the schedule is shortened to fit it and training stops in time (0: none)")
-    optim.add_argument("--calibration-steps", type=int, default=20,
-                       help="with --max-minutes: shorten the schedule to fit the budget every N steps, from the measured speed")
-    optim.add_argument("--reserve-s", type=float, default=15.0, help="seconds of --max-minutes kept for the final evaluation and saving")
+                       help="safety stop (0: off): after this many minutes save and stop; the schedule is unchanged "
+                            "and a rerun continues. Bound the work with --max-steps/--epochs instead")
     optim.add_argument("--stop-at-step", type=int, default=0,
                        help="stop (and save) at this step without changing the schedule; rerun to resume (0: off)")
     optim.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW)")
@@ -594,7 +658,8 @@ def get_parser() -> argparse.ArgumentParser:
     logs.add_argument("--eval-every", type=int, default=500, help="validate every N steps (0: only at the end)")
     logs.add_argument("--grid-images", type=int, default=8, help="validation images in the tensorboard grid")
     logs.add_argument("--ckpt-every", type=int, default=1000, help="write a training checkpoint every N steps (0: only at the end)")
-    logs.add_argument("--keep-checkpoints", type=int, default=2, help="training checkpoints kept in OUT_DIR/checkpoints (0: all)")
+    logs.add_argument("--keep-last", type=int, default=2,
+                      help="keep only the newest N training checkpoints in OUT_DIR/checkpoints (0: all)")
     logs.add_argument("--no-tensorboard", action="store_true", help="do not write tensorboard logs")
     logs.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p

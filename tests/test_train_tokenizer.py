@@ -18,7 +18,8 @@ from datasets.image_dataset import ImageDataset
 from datasets.metadata import read_metadata, write_metadata
 from models.checkpoint import load_checkpoint
 from models.meditok import build_meditok
-from scripts.train_tokenizer import enable_grad_checkpointing, epoch_batches, get_parser, lr_at, main
+from models.training import StepBatchSampler
+from scripts.train_tokenizer import enable_grad_checkpointing, get_parser, main, train_batches
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -65,16 +66,25 @@ def rec_mse(model, x: torch.Tensor) -> float:
     return F.mse_loss(model.eval().img_to_reconstructed_img(x), x).item()
 
 
-def test_schedule_and_sharding():
-    lrs = [lr_at(s, 1.0, 100, 10, 0.1) for s in range(101)]
-    assert lrs[0] < lrs[9] == pytest.approx(1.0) and lrs[100] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # non-increasing after warm-up
-    # Two ranks see disjoint halves of each global batch; an epoch uses each index at most once.
-    r0, r1 = (epoch_batches(10, 4, 2, r, seed=0, epoch=3) for r in (0, 1))
-    assert len(r0) == len(r1) == 2 and all(len(b) == 2 for b in r0 + r1)
-    seen = [i for b in r0 + r1 for i in b]
-    assert len(seen) == len(set(seen)) == 8
-    assert epoch_batches(10, 4, 1, 0, 0, 3) != epoch_batches(10, 4, 1, 0, 0, 4)  # reshuffled each epoch
+def test_batches_resume_and_shard():
+    """The batch stream (cached images) started at a step continues the uninterrupted one; two ranks
+    see disjoint halves of each global batch; every epoch is a new permutation."""
+    cache = torch.arange(10.0)[:, None, None, None]  # image i is the value i
+
+    def stream(world, rank, epoch, first, n):
+        sampler = StepBatchSampler(10, 4, world, rank, seed=0)  # 2 steps per epoch
+        it = train_batches(None, cache, sampler, epoch, first, 0, None, pin_memory=False)
+        return [next(it).flatten().long().tolist() for _ in range(n)]
+
+    straight = stream(1, 0, 0, 0, 6)
+    assert stream(1, 0, 1, 1, 3) == straight[3:]  # resumed at step 3 = epoch 1, its second step
+    for e in range(3):  # an epoch uses each image at most once; the two left over change
+        used = straight[2 * e] + straight[2 * e + 1]
+        assert len(set(used)) == 8
+    assert straight[0:2] != straight[2:4]
+    r0, r1 = stream(2, 0, 0, 0, 2), stream(2, 1, 0, 0, 2)
+    for step in range(2):
+        assert sorted(r0[step] + r1[step]) == sorted(straight[step]) and not set(r0[step]) & set(r1[step])
 
 
 @pytest.mark.slow
@@ -101,7 +111,13 @@ def test_resume_equals_uninterrupted(data, tmp_path):
     run(data, tmp_path / "straight", *opts)
     run(data, tmp_path / "resumed", *opts, "--stop-at-step", "3")
     assert load_checkpoint(tmp_path / "resumed" / "tokenizer.pt")["step"] == 3
+    # The newest checkpoint cut short (a full disk): the rerun falls back to step 2, and says so.
+    newest = tmp_path / "resumed" / "checkpoints" / "step_0000003.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
     run(data, tmp_path / "resumed", *opts)
+    log = (tmp_path / "resumed" / "log.txt").read_text()
+    assert "skipping unreadable checkpoint" in log and "step_0000003.pt" in log and "resuming from" in log
+    assert "step_0000002.pt (step 2)" in log
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "step_0000006.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "step_0000006.pt")
     for key in ("model", "ema", "disc"):
@@ -113,16 +129,34 @@ def test_resume_equals_uninterrupted(data, tmp_path):
         torch.testing.assert_close(a["optimizer"]["state"][i]["exp_avg"], b["optimizer"]["state"][i]["exp_avg"],
                                    rtol=0, atol=1e-6)
     assert a["step"] == b["step"] == 6 and a["usage_updates"] == b["usage_updates"]
-    # Older checkpoints are pruned to --keep-checkpoints.
+    # Older checkpoints are pruned to --keep-last.
     assert len(list((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))) == 2
 
 
-def test_max_minutes_bounds_the_run(data, tmp_path):
+def test_fixed_work_gives_the_same_tokenizer(data, tmp_path):
+    """The amount learned is set by --max-steps: two runs of one command give identical weights."""
+    opts = ["--max-steps", "3", "--lr", "1e-3", "--dead-code-every", "2", "--val-max-images", "2"]
+    run(data, tmp_path / "a", *opts)
+    run(data, tmp_path / "b", *opts)
+    a, b = (load_checkpoint(tmp_path / r / "tokenizer.pt") for r in ("a", "b"))
+    assert a["step"] == b["step"] == 3
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_max_minutes_is_only_a_safety_stop(data, tmp_path):
+    """--max-minutes stops early and saves, but never changes the schedule: a rerun without it finishes
+    the same run."""
     t0 = time.time()
-    run(data, tmp_path / "out", "--max-steps", "100000", "--max-minutes", "0.15", "--reserve-s", "0",
-        "--calibration-steps", "2", "--val-max-images", "2")
-    assert time.time() - t0 < 0.15 * 60 + 60  # the budget plus model building, final evaluation and saving
-    assert 0 <= load_checkpoint(tmp_path / "out" / "tokenizer.pt")["step"] < 100000
+    run(data, tmp_path / "out", "--max-steps", "100000", "--max-minutes", "0.002", "--val-max-images", "2")
+    assert time.time() - t0 < 60
+    stopped = load_checkpoint(tmp_path / "out" / "tokenizer.pt")["step"]
+    assert 1 <= stopped < 100000
+    ckpt = load_checkpoint(tmp_path / "out" / "checkpoints" / f"step_{stopped:07d}.pt")
+    assert ckpt["scheduler"]["total_steps"] == 100000  # the schedule of the full run
+    assert "--max-minutes 0.002 reached" in (tmp_path / "out" / "log.txt").read_text()
+    run(data, tmp_path / "out", "--max-steps", str(stopped + 1), "--val-max-images", "2")
+    assert load_checkpoint(tmp_path / "out" / "tokenizer.pt")["step"] == stopped + 1
 
 
 def test_loss_options_run(data, tmp_path):

@@ -15,12 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
-import random
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -36,8 +34,8 @@ from models.parallel import (DATA_PARALLEL, device_mesh, full_state_dict, gradie
                              load_full_state_dict, load_sharded, prune_sharded, save_sharded, sharded_checkpoints,
                              wrap_model)
 from models.training import (SCHEDULES, LRSchedule, StepBatchSampler, autocast_context, data_position, gather_rng_states,
-                             load_newest_checkpoint, numbered_checkpoints, prune_checkpoints, restore_rng_states, set_lr,
-                             update_ema)
+                             load_newest_checkpoint, numbered_checkpoints, prune_checkpoints, restore_rng_states,
+                             seed_process, set_lr, update_ema)
 from scripts.cli import ArgumentParser
 
 
@@ -314,10 +312,7 @@ def main(args, load=load_data):
     optimizer = create_optimizer(raw_model, args)
     use_scaler = device.type == "cuda" and args.mixed_precision == "fp16"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if device.type == "cuda" else None
-    seed = args.global_seed * world_size + rank
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+    seed_process(args.global_seed, world_size, rank)
 
     # Resume (or start from weights only, e.g. the released GPT-B).
     step, epoch, step_in_epoch = 0, 0, 0
