@@ -1,6 +1,7 @@
 """Text-to-image GPT: caption projection, null caption, padding masks, cached sampling, checkpoints."""
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,3 +164,23 @@ def test_word_vocab():
     assert ids[0, 1:].tolist() == [vocab.index["brain"], vocab.index["mri"], 1] and ids[1, 3] == vocab.index["echo"]
     with pytest.raises(ValueError, match="no words"):
         vocab.encode(["..."], 4)
+
+
+def test_quickstart_captions_and_levels():
+    from scripts.quickstart_t2i import all_prompts, caption, level_errors, levels
+
+    rows = [{"identifier": f"images/{name}/{name}_{i:03d}.png", "label_name": name}
+            for name in ("brain_mri_axial", "brain_mri_sagittal") for i in (0, 5, 10)]
+    rows.append({"identifier": "images/echocardiography/echocardiography_007.png", "label_name": "echocardiography"})
+    lv = levels(rows)
+    assert lv == [0.0, 0.5, 1.0, 1.0, 0.0, 1.0, None]  # sagittal: distance from the midline
+    texts = [caption(r["label_name"], v) for r, v in zip(rows, lv)]
+    assert texts[:3] == [f"T1-weighted brain MRI, axial slice, {w} third" for w in ("lower", "middle", "upper")]
+    assert texts[4] == "T1-weighted brain MRI, sagittal slice, near the midline" and texts[6] == "echocardiography frame"
+    prompts = all_prompts({0: "brain_mri_axial", 3: "echocardiography"})
+    assert [p["level"] for p in prompts] == [1 / 6, 0.5, 5 / 6, None] and prompts[3]["label"] == 3
+    # The nearest-neighbour level: a reference image asked for its own level has no error; another level does.
+    refs = torch.linspace(-1, 1, 4)[:, None, None, None].expand(4, 3, 8, 8)
+    ref_levels = torch.tensor([0.0, 0.3, 0.6, 0.9])
+    err = level_errors(refs, np.zeros(4, int), np.array([0.0, 0.3, 0.6, 0.0]), {0: (refs, ref_levels)})
+    np.testing.assert_allclose(err, [0, 0, 0, 0.9], atol=1e-6)
