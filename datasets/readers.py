@@ -492,7 +492,7 @@ class FileWindow:
     which: int | str = 0
 
     def __str__(self) -> str:
-        return f"file:{self.which}"
+        return "file" if self.which == 0 else f"file:{self.which}"
 
 
 def parse_window(window) -> "tuple[float, float] | FileWindow | None":
