@@ -3,18 +3,26 @@
 Three spaces, chosen with `build_extractor(space, ...)`; each maps images [B, 3, H, W] in [-1, 1] to [B, D]:
     classifier  penultimate features of a classifier trained on the real training images by
                 `python -m evaluation.train_classifier` (its logits give the class-fidelity score)
-    inception   torchvision's Inception-v3 with a LOCAL state dict the user provides (pool features, 2048-d);
-                nothing is ever downloaded. Scores are only comparable to published FIDs when the weights are
-                the ones those papers used, which torchvision's architecture does not reproduce exactly.
+    inception   Inception-v3 pool features (2048-d) from a LOCAL weights file (or an hf:// reference); nothing
+                is downloaded behind the user's back. Two kinds of file are recognised by their shapes:
+                - the FID Inception weights (`weights-inception-2015-12-05-6726825d.pth` of torch-fidelity,
+                  the same tensors as pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`; 1008-class head):
+                  run through torchmetrics' `NoTrainInceptionV3` (torch-fidelity's network, uint8 input,
+                  TensorFlow-style resize to 299). FID/KID from these features are the numbers papers report
+                  (at matching sample counts and reference sets). Needs the `torch-fidelity` package.
+                - torchvision's ImageNet Inception-v3 state dict (1000 classes): a different network, so
+                  its FIDs are NOT comparable to published ones; kept for users who only have that file.
     meditok     the MedITok encoder's `forward_features` (mean encoder token)
 Every extractor resizes its input to the size it was built for, so real and generated images of any size
 go through the same path.
 """
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -37,6 +45,7 @@ from models.checkpoint import (
     extract_state_dict,
     load_checkpoint,
     load_state_dict_strict,
+    resolve_weights,
 )
 
 SPACES = ("classifier", "inception", "meditok")
@@ -60,21 +69,48 @@ def class_names_of(rows: Sequence[dict], meta_path=None) -> list[str]:
     return [names.get(i, str(i)) for i in range(max(names) + 1)]
 
 
+# Preprocessing options of the tokenization manifest that decide what a real image looks like (the image
+# size, channels and value range are the evaluator's own: features want 3 channels in [-1, 1]).
+MANIFEST_READ_OPTIONS = ("window", "intensity", "percentiles", "fit", "max_pixels")
+
+
+def manifest_read_options(codes=None, meta=None) -> tuple[dict, dict | None]:
+    """(ImageDataset options, manifest) that read real images exactly as the codes were made.
+
+    The manifest (tokenizer.json written by batch_infer.py) is the one of `codes` (a code folder, code
+    metadata file or the manifest itself), else the one beside `meta` (when `meta` is the code metadata);
+    ({}, None) when there is none, and the reader's defaults apply."""
+    from datasets.manifest import preprocessing_options, read_manifest
+
+    manifest = read_manifest(codes) if codes is not None else (read_manifest(meta) if meta is not None else None)
+    if codes is not None and manifest is None:
+        raise FileNotFoundError(f"--codes {codes}: no tokenization manifest (tokenizer.json) there; it is written "
+                                f"by batch_infer.py beside its outputs")
+    if manifest is None:
+        return {}, None
+    accepted = inspect.signature(ImageDataset.__init__).parameters
+    options = {k: v for k, v in preprocessing_options(manifest).items()
+               if k in MANIFEST_READ_OPTIONS and k in accepted}
+    return options, manifest
+
+
 def image_loader(rows: Sequence[dict], meta_path=None, dataset_dir=None, image_size: int = 64,
-                 batch_size: int = 64, num_workers: int = 0) -> DataLoader:
-    """Batches of dicts with `image` [B, 3, S, S] in [-1, 1], `label` [B] and `index` [B], in row order."""
+                 batch_size: int = 64, num_workers: int = 0, **read_options) -> DataLoader:
+    """Batches of dicts with `image` [B, 3, S, S] in [-1, 1], `label` [B] and `index` [B], in row order.
+    `read_options`: ImageDataset's window / intensity / percentiles / fit (see `manifest_read_options`)."""
     dataset = ImageDataset(list(rows), meta_path=meta_path, dataset_dir=dataset_dir, image_size=image_size,
-                           channels=3, value_range=(-1.0, 1.0))
+                           channels=3, value_range=(-1.0, 1.0), **read_options)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
 def load_images(rows: Sequence[dict], meta_path=None, dataset_dir=None, image_size: int = 64,
-                batch_size: int = 64, num_workers: int = 0, desc: str = "reading images") -> tuple[torch.Tensor, torch.Tensor]:
+                batch_size: int = 64, num_workers: int = 0, desc: str = "reading images",
+                **read_options) -> tuple[torch.Tensor, torch.Tensor]:
     """All rows' images in memory: (images [N, 3, S, S] in [-1, 1], labels [N], -1 where unlabelled)."""
     if not rows:
         raise ValueError(f"{meta_path or 'metadata'}: no rows to read ({desc})")
     images, labels = [], []
-    loader = image_loader(rows, meta_path, dataset_dir, image_size, batch_size, num_workers)
+    loader = image_loader(rows, meta_path, dataset_dir, image_size, batch_size, num_workers, **read_options)
     for batch in tqdm(loader, desc=desc, leave=False):
         images.append(batch["image"])
         labels.append(batch["label"])
@@ -180,29 +216,57 @@ class ClassifierFeatures(FeatureExtractor):
         return self.model(self.prepare(images))  # [B, num_classes]
 
 
+FID_INCEPTION_CLASSES = 1008  # the FID network's head (TF Inception 2015-12-05); torchvision's has 1000
+
+
 class InceptionFeatures(FeatureExtractor):
-    """torchvision Inception-v3 (2048-d pool features) from a local state dict; inputs at 299 px,
-    ImageNet-normalised (the convention of torchvision's own weights)."""
+    """Inception-v3 pool features (2048-d) from a local weights file: the FID network when the file holds
+    the FID weights (1008-class head), torchvision's Inception-v3 otherwise (see the module docstring)."""
 
     name, image_size, dim = "inception", 299, 2048
 
     def __init__(self, weights_path, device="cpu"):
         super().__init__()
+        state_dict, _ = extract_state_dict(load_checkpoint(weights_path))  # weights_only / safetensors
+        fc = state_dict.get("fc.weight")
+        self.kind = "fid" if fc is not None and fc.shape[0] == FID_INCEPTION_CLASSES else "torchvision"
+        self.model = (self._fid_network(state_dict, weights_path) if self.kind == "fid"
+                      else self._torchvision_network(state_dict, weights_path)).to(device).eval()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+
+    @staticmethod
+    def _fid_network(state_dict, weights_path) -> nn.Module:
+        try:
+            from torchmetrics.image.fid import NoTrainInceptionV3
+            import torch_fidelity  # noqa: F401  (torchmetrics' FID network lives there)
+        except ImportError as e:
+            raise ImportError(f"{weights_path} holds the FID Inception weights; torchmetrics runs them with the "
+                              f"torch-fidelity package: pip install torch-fidelity") from e
+        # torch-fidelity unpickles the file it is given; give it one written here from the tensors that
+        # were just read safely, never the user's file itself.
+        with tempfile.TemporaryDirectory() as tmp:
+            safe_copy = os.path.join(tmp, "inception.pt")
+            torch.save({k: v.cpu() for k, v in state_dict.items()}, safe_copy)
+            return NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(InceptionFeatures.dim)],
+                                      feature_extractor_weights_path=safe_copy)
+
+    @staticmethod
+    def _torchvision_network(state_dict, weights_path) -> nn.Module:
         from torchvision.models import inception_v3
 
-        state_dict, _ = extract_state_dict(load_checkpoint(weights_path))
         has_aux = any(k.startswith("AuxLogits.") for k in state_dict)
         num_classes = state_dict["fc.weight"].shape[0] if "fc.weight" in state_dict else 1000
         model = inception_v3(weights=None, aux_logits=has_aux, init_weights=False, transform_input=False,
                              num_classes=num_classes)
         load_state_dict_strict(model, state_dict, context=f"Inception-v3 weights {weights_path}")
         model.fc = nn.Identity()  # the pooled 2048-d vector instead of class logits
-        self.model = model.to(device).eval()
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
+        return model
 
     def prepare(self, images):
-        return (resize(images.float(), self.image_size) * 0.5 + 0.5 - self.mean) / self.std
+        if self.kind == "fid":  # uint8 [B, 3, H, W], as the FID tools read image files; resized inside
+            return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return (resize(images.float(), self.image_size) * 0.5 + 0.5 - self.mean) / self.std  # ImageNet-normalised
 
     def features(self, x):
         return self.model(x)
@@ -226,15 +290,18 @@ def build_extractor(space: str, classifier_ckpt=None, inception_weights=None, me
                     device: str | torch.device = "cpu") -> FeatureExtractor:
     """The feature extractor of `space`, from the file that space needs (a clear error if it is missing)."""
     needs = {"classifier": (classifier_ckpt, "--classifier_ckpt (train one with python -m evaluation.train_classifier)"),
-             "inception": (inception_weights, "--inception_weights (a local Inception-v3 state dict)"),
+             "inception": (inception_weights, "--inception_weights (the FID Inception weights file, e.g. torch-fidelity's "
+                                              "weights-inception-2015-12-05-6726825d.pth)"),
              "meditok": (meditok_ckpt, "--meditok_ckpt (a MedITok checkpoint)")}
     if space not in needs:
         raise ValueError(f"unknown feature space {space!r}; choose from {SPACES}")
     path, flag = needs[space]
     if path is None:
         raise ValueError(f"feature space {space!r} needs {flag}")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag.split()[0]}: file not found: {path}")
+    try:
+        resolve_weights(path)  # a local file or a cached / downloadable hf:// reference
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{flag.split()[0]}: {e}") from e
     cls = {"classifier": ClassifierFeatures, "inception": InceptionFeatures, "meditok": MedITokFeatures}[space]
     return cls(path, device=device)
 

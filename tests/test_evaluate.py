@@ -191,6 +191,36 @@ def test_inception_features_come_from_a_local_state_dict_loaded_strictly(tmp_pat
         build_extractor("inception", inception_weights=tmp_path / "broken.pt")
 
 
+@pytest.mark.slow
+def test_fid_inception_weights_run_through_torchmetrics(tmp_path, monkeypatch):
+    """A stand-in for the FID Inception weights (random tensors, the 1008-class layout of torch-fidelity's
+    weights-inception-2015-12-05 file) runs in torchmetrics' FID network; our FID of its features equals
+    torchmetrics' FrechetInceptionDistance fed the same images."""
+    from torchvision.models import inception_v3
+
+    weights = tmp_path / "weights-inception-standin.pt"
+    torch.manual_seed(0)
+    torch.save(inception_v3(weights=None, aux_logits=False, init_weights=True, num_classes=1008).state_dict(), weights)
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # as where the package is not installed
+    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+        build_extractor("inception", inception_weights=weights)
+    monkeypatch.delitem(sys.modules, "torch_fidelity")
+    pytest.importorskip("torch_fidelity")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    extractor = build_extractor("inception", inception_weights=weights)
+    assert extractor.kind == "fid"
+    g = torch.Generator().manual_seed(0)
+    real_u8 = torch.randint(0, 256, (3, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    fake_u8 = (real_u8.float() * 0.5).to(torch.uint8)
+    to_float = lambda u8: u8.float() / 127.5 - 1  # noqa: E731  (what the evaluators hand the extractor)
+    ours = metrics.fid(extract_features(extractor, to_float(real_u8)), extract_features(extractor, to_float(fake_u8)))
+    reference = FrechetInceptionDistance(feature=extractor.model)  # torchmetrics' own FID on uint8 images
+    reference.update(real_u8, real=True)
+    reference.update(fake_u8, real=False)
+    assert ours == pytest.approx(reference.compute().item(), rel=1e-3, abs=1e-3)
+
+
 def test_feature_space_without_its_file_says_which_flag(tmp_path):
     with pytest.raises(ValueError, match="--classifier_ckpt"):
         build_extractor("classifier")
