@@ -213,7 +213,11 @@ def test_rerun_with_other_settings_stops_or_redoes(tmp_path, tokenizers, one_thr
     assert {p: p.read_bytes() for p in out.glob("*.pt")} == before  # nothing touched
     assert read_manifest(out)["preprocessing"]["fit"] == "pad"
 
+    other_meta = data / "other.csv"  # a second metadata file tokenized into the same folder
+    write_metadata([{"identifier": "b.png", "split": "test"}], other_meta)
+    assert run(other_meta, out, ckpt) == 0 and (out / "other.csv").exists()
     assert run(meta, out, ckpt, "--fit", "crop", "--overwrite_changed") == 0
+    assert not (out / "other.csv").exists()  # its codes were made with "pad": deleted, never mixed
     assert read_manifest(out)["preprocessing"]["fit"] == "crop"
     for name in ("a", "b"):
         assert torch.equal(load_checkpoint(out / f"{name}.pt"), reference(model, data / f"{name}.png", fit="crop"))
@@ -431,3 +435,21 @@ def test_pixel_cap_fails_only_the_large_row(tmp_path, tokenizers, one_thread):
     assert read_manifest(tmp_path / "capped")["preprocessing"]["max_pixels"] == 1000
     assert run(meta, tmp_path / "free", ckpt, "--max_pixels", "0") == 1  # 0: no limit
     assert [f["identifier"] for f in failures(tmp_path / "free")] == [".batch_infer/x.png"]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_stop_together_on_a_refused_folder(tmp_path, tokenizers):
+    """Rank 0 takes the lock (and checks the manifest); every rank must stop with its message instead of
+    waiting at the next collective forever."""
+    (ckpt, _), model = tokenizers
+    save_png(tmp_path / "a.png", 1)
+    meta = tmp_path / "meta.csv"
+    write_metadata([{"identifier": "a.png"}], meta)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "batch_infer.py",
+           "--output_dir", str(out), "--pretrained_path", str(ckpt), "--meta_path", str(meta),
+           "--image_size", str(IMAGE_SIZE), "--num_workers", "0", "--no_progress"]
+    with FolderLock(out / batch_infer.STATE_DIR, "lock"):
+        res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                             text=True, timeout=300)
+    assert res.returncode != 0 and res.stderr.count("is in use by pid") >= 2  # both ranks say why
