@@ -190,18 +190,6 @@ def symlinked_parent(output_dir: Path, rel: str, cache: dict) -> Path | None:
     return cache[folder]
 
 
-def expected_output(model, infer_type: str, image_size: int) -> tuple[tuple[int, ...], torch.dtype]:
-    """(shape, dtype) of one output tensor, derived from the model config."""
-    g = model.config.grid_size(image_size)
-    if infer_type == "code":
-        return (model.num_codebooks, g, g), torch.int64
-    if infer_type == "latent":
-        return (model.vocab_width, g, g), torch.float32
-    if infer_type == "vector":
-        return (model.config.embed_dim,), torch.float32
-    return (image_size, image_size, model.in_chans), torch.uint8
-
-
 def output_ok(path: Path, shape, dtype) -> bool:
     """True if `path` exists and holds a complete output of the expected shape (so a rerun may skip it)."""
     if not path.is_file():
@@ -545,6 +533,7 @@ def plan_run(args, rows: list[dict], output_dir: Path, state_dir: Path, ext: str
         return os.path.realpath(path) in protected or (not claimed and os.path.lexists(path))
 
     valid = [i for i in range(len(rows)) if errors[i] is None]
+    old = set(claims)
     assigned = assign_names([keys[i] for i in valid], [cands[i] for i in valid], claims, taken)
     names: list[str | None] = [None] * len(rows)
     links: dict = {}
@@ -557,7 +546,6 @@ def plan_run(args, rows: list[dict], output_dir: Path, state_dir: Path, ext: str
             errors[i] = f"output folder {link} is a symbolic link (or not a folder); refusing to write outside --output_dir"
             continue
         names[i] = name
-    old = {c["name"] for c in read_jsonl(state_dir / "claims.jsonl")}
     append_jsonl(state_dir / "claims.jsonl", [{"name": n, "key": claims[n]} for n in dict.fromkeys(names)
                                               if n is not None and n not in old], sync=True)
 
@@ -609,19 +597,19 @@ def main(args) -> int:
 
 def run(args, rank: int, world: int, device: torch.device, output_dir: Path, state_dir: Path, out_meta: Path,
         lock_fd: int | None) -> int:
-
+    """The run proper, with the folder locked: manifest, plan, this rank's share, gather. Exit status."""
     model = build_meditok(args.pretrained_path, img_size=args.image_size, device=device)
     image_size = args.image_size or model.img_size
     channels = args.model_input_channel or model.in_chans
     if channels != model.in_chans:
         raise SystemExit(f"--model_input_channel {channels} but the tokenizer takes {model.in_chans} channels")
-    shape, dtype = expected_output(model, args.infer_type, image_size)
     options = dataset_options(args, image_size, channels)
     manifest = build_manifest(
         model.config, args.pretrained_path, image_size=image_size, infer_type=args.infer_type,
         window=args.window, intensity=args.intensity, percentiles=args.percentiles, fit=args.fit,
         model_input_min=args.model_input_min, model_input_max=args.model_input_max,
         model_input_channel=channels, max_pixels=args.max_pixels)
+    shape, dtype = tuple(manifest["output"]["shape"]), getattr(torch, manifest["output"]["dtype"])
     try:
         rows = read_metadata(args.meta_path)
     except MetadataError as e:
