@@ -33,7 +33,8 @@ differ from the folder's tokenizer.json stops with an error naming what changed,
 --overwrite_changed, deletes the folder's earlier outputs and starts over: never a mix.
 A run holds a lock on the folder (a second run stops, or waits with --wait_for_lock). A reader that
 kills its process (a decoder segfault, an OOM kill) fails that row only: the run goes on, the row is
-listed in failures.jsonl, and reruns skip it (--retry_crashed tries again).
+listed in failures.jsonl, and reruns skip it (--retry_crashed tries again). A row whose image holds
+more than --max_pixels pixels fails before it is decoded (where the format's header tells the size).
 """
 from __future__ import annotations
 
