@@ -4,7 +4,8 @@ Each row's `code_identifier` points at a `.pt` file written by `batch_infer.py`:
     --infer_type code     integer tensor [K, h, w] (or [K, L] with L = h * w)
     --infer_type latent   float tensor [vocab_width, h, w]: turned into exact codes with the tokenizer
                           (`latent_to_idx`, the inverse of `encode_image_vq`), so it needs `vq_ckpt`.
-Relative `code_identifier` paths resolve against the metadata file's folder.
+Relative `code_identifier` paths resolve against the metadata file's folder. Without a code_identifier,
+an `identifier` ending in `.pt` is the code file (the released metadata, e.g. medmnist-c2i-test.jsonl).
 
 Everything is read and checked upfront (same shape in every file, codes inside the codebooks, labels
 inside [0, num_classes)), with errors that name the file and row; the codes then live in one in-memory
@@ -99,6 +100,8 @@ def load_codes(
     for row in tqdm(rows, desc="reading codes", disable=not progress, leave=False):
         where = row_where(row, meta_path)
         value = row.get("code_identifier")
+        if value is None and str(row.get("identifier") or "").endswith(".pt"):
+            value = row["identifier"]  # the released code metadata: the identifier is the code file itself
         if value is None:
             raise CodeDataError(f"{where}: empty code_identifier (run batch_infer.py and use the metadata it writes)")
         path = resolve_path(value, None, meta_path)
@@ -161,7 +164,7 @@ class CodeDataset(Dataset):
         cache: Optional[dict] = None,
     ):
         self.meta_path = find_code_metadata(meta_path)
-        all_rows = rows if rows is not None else read_metadata(self.meta_path, required=("code_identifier",))
+        all_rows = rows if rows is not None else read_metadata(self.meta_path)  # code_identifier: see load_codes
         self.rows = filter_split(all_rows, splits)
         self.splits = splits
         if not self.rows:

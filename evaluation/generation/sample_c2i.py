@@ -11,7 +11,8 @@ the released sampler) or from --num-per-class. Each rank seeds its own generator
 are skipped. Output, in SAMPLE_DIR/<run>/:
     <class>/<index>.png    one image per index
     input/<class>/<index>.png   with --copy-input: the test rows' own codes, decoded
-    samples.npz            samples [N, H, W, 3] uint8 and labels [N], in index order
+    samples.npz            samples [N, H, W, 3] uint8 and labels [N], in index order; arr_0 = samples (the
+                           key of the ADM evaluator / torch-fidelity; reference batch: evaluation.generation.reference_batch)
     samples.jsonl          one row per image: identifier (png path), label, label_name, source row
     grid.png               one row per class
 <run> names the checkpoint, the weights used, the tokenizer and every sampling setting, plus the sample
@@ -246,6 +247,8 @@ def load_models(args, device):
                          "sample it without --compile")
     if device.type == "cuda" and args.precision != "none":
         gpt = gpt.to(dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
+    elif args.precision != "none":
+        print(f"note: --precision {args.precision} applies on a GPU; this CPU run samples in float32", flush=True)
     return gpt.to(device), vq, weights, ckpt
 
 
@@ -332,7 +335,8 @@ def gather_outputs(args, run_dir: Path, paths, labels, names, rows) -> None:
         if image.shape != samples.shape[1:]:
             raise RuntimeError(f"{p}: {image.shape} but the first sample is {samples.shape[1:]}; delete the stray file")
         samples[i] = image
-    atomic_savez(run_dir / "samples.npz", samples=samples, labels=np.asarray(labels, dtype=np.int64))
+    # arr_0: the same images under the key the ADM evaluator and torch-fidelity read (stored twice on disk)
+    atomic_savez(run_dir / "samples.npz", samples=samples, labels=np.asarray(labels, dtype=np.int64), arr_0=samples)
     out_rows = []
     for i, (p, lab) in enumerate(zip(paths, labels)):
         row = {"identifier": str(p.relative_to(run_dir)), "label": lab, "label_name": names[lab], "split": "generated"}

@@ -132,7 +132,7 @@ def load_data(args, logger, device):
     if args.dataset != "c2i_code":
         raise ValueError(f"--dataset {args.dataset!r}: only 'c2i_code' (pre-tokenized codes) is supported")
     manifest, cache = code_settings(args, meta_path, logger, device)  # one tokenizer serves both splits
-    rows = read_metadata(meta_path, required=("code_identifier",))
+    rows = read_metadata(meta_path)  # code_identifier, or a .pt identifier (released metadata): see load_codes
     common = dict(num_classes=args.num_classes, num_codebooks=args.num_codebooks, vocab_size=args.vocab_size,
                   vq_ckpt=args.vq_ckpt, device=device, progress=logger.isEnabledFor(logging.INFO), rows=rows,
                   cache=cache)
