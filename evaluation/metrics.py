@@ -7,6 +7,7 @@ Computation is in float64.
     fid(real, fake)                     Frechet distance between Gaussians fitted to the two sets
     kid(real, fake)                     unbiased MMD^2 with the cubic polynomial kernel, over random subsets
     precision_recall(real, fake, k)     fraction of fake inside the real k-NN manifold and vice versa
+                                        (k: sqrt of each set's size unless given; see auto_k)
     nearest_neighbours(query, ref)      distance and index of each query's nearest reference row
     memorisation(samples, train, held)  samples' nearest-training distances against those of held-out real data
 
@@ -147,12 +148,28 @@ def manifold_coverage(manifold, query, k: int = 3) -> np.ndarray:
     return (d <= radii[None, :]).any(axis=1)
 
 
-def precision_recall(real, fake, k: int = 3) -> dict[str, float]:
+def auto_k(n: int) -> int:
+    """k of the k-NN manifold of n points when none is given: round(sqrt(n)), at least 3, at most n - 1.
+
+    The published k = 3 was chosen for 50k-image sets. On a few hundred images, and worse on consecutive
+    slices or video frames (each image's 3 nearest neighbours are its own near-copies), 3-NN balls are so
+    small that even held-out real images fall outside them; sqrt(n) grows the balls with the set."""
+    return max(1, min(max(3, round(n ** 0.5)), n - 1))
+
+
+def precision_recall(real, fake, k: int | None = None) -> dict[str, float]:
     """Improved precision/recall (k-NN manifolds): precision = share of fake inside the real manifold
-    (fidelity), recall = share of real inside the fake manifold (diversity / coverage)."""
+    (fidelity), recall = share of real inside the fake manifold (diversity / coverage).
+
+    `k` None: each manifold uses `auto_k` of its own size (k_real for precision, k_fake for recall).
+    Read the numbers next to the same ones for held-out real images in place of `fake` (the ceiling)."""
+    real, fake = as_features(real, "real features"), as_features(fake, "fake features")
+    k_real = auto_k(len(real)) if k is None else k
+    k_fake = auto_k(len(fake)) if k is None else k
     return {
-        "precision": float(manifold_coverage(real, fake, k).mean()),
-        "recall": float(manifold_coverage(fake, real, k).mean()),
+        "precision": float(manifold_coverage(real, fake, k_real).mean()),
+        "recall": float(manifold_coverage(fake, real, k_fake).mean()),
+        "k_real": int(k_real), "k_fake": int(k_fake),
     }
 
 

@@ -7,6 +7,8 @@ accuracy is high, so that accuracy is reported (and stored in the checkpoint).
 
     python -m evaluation.train_classifier --meta data/demo/metadata.csv --out runs/classifier.pt
 
+Real images are preprocessed as the codes were made when a tokenization manifest is found (`--codes`, or a
+tokenizer.json beside --meta), so the classifier sees what the generator learnt from.
 Images are read once into memory at --image_size (the datasets this is meant for are small); light
 augmentation (small random scale / rotation / shift, brightness and contrast) runs on the batch.
 Writes OUT (self-describing checkpoint; load with evaluation.features.load_classifier) and OUT.json.
@@ -23,7 +25,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasets.metadata import filter_split, read_metadata
-from evaluation.features import build_classifier, class_names_of, classifier_kwargs, load_images, save_classifier
+from evaluation.features import (
+    build_classifier,
+    class_names_of,
+    classifier_kwargs,
+    load_images,
+    manifest_read_options,
+    save_classifier,
+)
 from models.checkpoint import atomic_write_text
 from scripts.cli import ArgumentParser
 
@@ -95,8 +104,9 @@ def main(args):
     val_rows = [r for r in filter_split(rows, args.val_split) if r.get("label") is not None]
     if not train_rows:
         raise SystemExit(f"{meta}: no labelled rows with split {args.train_split!r}")
+    read_options, manifest = manifest_read_options(args.codes, meta)
     read = dict(meta_path=meta, dataset_dir=args.dataset_dir, image_size=args.image_size,
-                batch_size=args.batch_size, num_workers=args.num_workers)
+                batch_size=args.batch_size, num_workers=args.num_workers, **read_options)
     train_x, train_y = load_images(train_rows, desc="train images", **read)
     val_x, val_y = load_images(val_rows, desc="val images", **read) if val_rows else (train_x[:0], train_y[:0])
     print(f"[classifier] {len(train_x)} train / {len(val_x)} {args.val_split} images, {len(class_names)} classes, "
@@ -116,6 +126,7 @@ def main(args):
         "arch": args.arch, "model_kwargs": classifier_kwargs(args.arch, args.width),
         "num_classes": len(class_names), "class_names": class_names, "image_size": args.image_size,
         "in_chans": int(train_x.shape[1]), "args": vars(args), "history": history, **result,
+        "manifest": None if manifest is None else manifest.get("_path"), "real_preprocessing": read_options,
     }
     out = Path(args.out)
     save_classifier(model, out, info)
@@ -134,6 +145,9 @@ if __name__ == "__main__":
     data = parser.add_argument_group("data")
     data.add_argument("--meta", required=True, help="metadata file (csv/jsonl/json) with label and split columns")
     data.add_argument("--dataset_dir", default=None, help="folder that relative identifiers resolve against")
+    data.add_argument("--codes", "--manifest", default=None,
+                      help="code folder, code metadata or tokenizer.json written by batch_infer.py: images are "
+                           "preprocessed as those codes were made (default: a tokenizer.json beside --meta)")
     data.add_argument("--train_split", default="train", help="split used for training")
     data.add_argument("--val_split", default="val", help="held-out split whose accuracy is reported")
     data.add_argument("--image_size", type=int, default=64, help="images are resized (padded) to this square size")

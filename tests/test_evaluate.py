@@ -49,7 +49,7 @@ def classifier(demo, tmp_path_factory):
     args = argparse.Namespace(
         meta=str(demo), dataset_dir=None, train_split="train", val_split="val", image_size=SIZE, num_workers=0,
         arch="resnet10t", width=0.25, epochs=8, batch_size=64, lr=3e-3, weight_decay=0.05, augment=1.0, seed=0,
-        device="cpu", out=str(out))
+        device="cpu", out=str(out), codes=None)
     summary = train_classifier_main(args)
     return out, summary
 
@@ -228,3 +228,78 @@ def test_feature_space_without_its_file_says_which_flag(tmp_path):
         build_extractor("meditok", meditok_ckpt=tmp_path / "nothing.pt")
     with pytest.raises(ValueError, match="unknown feature space"):
         build_extractor("pixels")
+
+
+def _ct_codes_folder(tmp_path):
+    """Four HU slices (.npy, ramps from -1000 to 1000 HU) and a code folder whose manifest says they were
+    tokenized with --window abdomen (level 40, width 400 -> [-160, 240] HU)."""
+    from datasets.manifest import build_manifest, write_manifest
+    from datasets.metadata import write_metadata
+    from models.meditok import MEDITOK_CONFIGS
+
+    data, codes = tmp_path / "ct", tmp_path / "codes"
+    data.mkdir()
+    ramp = np.linspace(-1000, 1000, SIZE * SIZE, dtype=np.float32).reshape(SIZE, SIZE)
+    rows = []
+    for i in range(4):
+        np.save(data / f"slice{i}.npy", ramp + 50 * i)
+        rows.append({"identifier": str(data / f"slice{i}.npy"), "code_identifier": f"slice{i}.pt", "label": i % 2,
+                     "label_name": ["liver", "kidney"][i % 2], "split": "train" if i < 2 else "val"})
+    write_metadata(rows, codes / "metadata.jsonl")
+    (tmp_path / "tok.pt").write_bytes(b"weights")
+    write_manifest(codes, build_manifest(MEDITOK_CONFIGS["MedITok-Tiny"], tmp_path / "tok.pt", image_size=SIZE,
+                                         infer_type="code", window="abdomen"))
+    return codes, ramp
+
+
+def test_evaluators_read_real_ct_with_the_window_the_codes_were_made_with(tmp_path):
+    from evaluation.features import image_loader, manifest_read_options
+
+    codes, ramp = _ct_codes_folder(tmp_path)
+    meta = codes / "metadata.jsonl"
+    options, manifest = manifest_read_options(None, meta)  # found beside the code metadata
+    assert options["window"] == "abdomen" and manifest["_path"] == str(codes / "tokenizer.json")
+    assert manifest_read_options(codes, tmp_path / "elsewhere.csv")[0] == options  # or named with --codes
+    rows = read_metadata(meta)
+    image = next(iter(image_loader(rows[:1], meta, image_size=SIZE, **options)))["image"][0, 0]
+    expected = np.clip((ramp + 160) / 400, 0, 1) * 2 - 1  # the abdomen window by hand, to [-1, 1]
+    assert np.abs(image.numpy() - expected).max() < 1e-5
+    default = next(iter(image_loader(rows[:1], meta, image_size=SIZE)))["image"][0, 0]
+    assert np.abs(default.numpy() - expected).max() > 0.5  # what the evaluators silently did before
+
+    result = evaluate_tokenizer(meta, _tiny_tokenizer(), split="val", feature_space=None)
+    assert result["real_preprocessing"]["window"] == "abdomen" and result["manifest"] == manifest["_path"]
+    with pytest.raises(FileNotFoundError, match="no tokenization manifest"):
+        manifest_read_options(tmp_path / "ct", meta)
+
+
+def test_reference_batch_and_samples_npz_have_the_adm_layout(tmp_path):
+    """The ADM evaluator / torch-fidelity read `arr_0`, uint8 [N, H, W, 3]: the reference batch of real
+    images (preprocessed as the codes were made) and sample_c2i's samples.npz both carry it."""
+    from evaluation.generation import sample_c2i
+    from evaluation.generation.reference_batch import main as reference_main
+
+    codes, ramp = _ct_codes_folder(tmp_path)
+    out = tmp_path / "ref.npz"
+    reference_main(argparse.Namespace(meta=str(codes / "metadata.jsonl"), split="all", codes=str(codes),
+                                      image_size=None, dataset_dir=None, batch_size=3, num_workers=0, out=str(out)))
+    with np.load(out) as ref:
+        assert ref["arr_0"].dtype == np.uint8 and ref["arr_0"].shape == (4, SIZE, SIZE, 3)
+        assert ref["labels"].tolist() == [0, 1, 0, 1]
+        windowed = np.clip((ramp + 50 * 3 + 160) / 400, 0, 1) * 255  # row 3, abdomen window, by hand
+        assert np.abs(ref["arr_0"][3, ..., 0].astype(float) - windowed).max() <= 1
+        assert (ref["arr_0"][..., 0] == ref["arr_0"][..., 2]).all()
+        images, labels = load_samples(out, ["liver", "kidney"])  # our evaluator reads the layout too
+        assert np.array_equal(images, ref["arr_0"])
+
+    paths, rng = [], np.random.default_rng(0)
+    for i in range(3):
+        path = tmp_path / "run" / "c0" / f"{i:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    args = sample_c2i.get_parser().parse_args(["--gpt-ckpt", "g", "--vq-ckpt", "v", "--grid-columns", "2"])
+    sample_c2i.gather_outputs(args, tmp_path / "run", paths, [0, 0, 0], ["c0"], None)
+    with np.load(tmp_path / "run" / "samples.npz") as data:
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (3, SIZE, SIZE, 3)
+        assert np.array_equal(data["arr_0"][2], np.asarray(Image.open(paths[2])))

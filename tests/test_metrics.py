@@ -73,7 +73,7 @@ def test_precision_recall_on_k_nn_manifolds():
     same = metrics.precision_recall(real, gaussian(300, 4, 12), k=5)
     assert same["precision"] > 0.8 and same["recall"] > 0.8
     far = metrics.precision_recall(real, gaussian(300, 4, 13, shift=50.0), k=5)
-    assert far == {"precision": 0.0, "recall": 0.0}
+    assert (far["precision"], far["recall"]) == (0.0, 0.0)
     # mode collapse: fake covers one small region of the real data -> precise but not diverse
     collapsed = real[np.argsort(np.linalg.norm(real - real[0], axis=1))[:30]]
     pr = metrics.precision_recall(real, collapsed, k=5)
@@ -106,7 +106,8 @@ def test_bad_input_is_refused_with_a_clear_message():
 def test_precision_recall_known_answers():
     # identical sets: every point lies on its own ball's centre -> 1 and 1
     x = gaussian(40, 3, 21)
-    assert metrics.precision_recall(x, x.copy(), k=3) == {"precision": 1.0, "recall": 1.0}
+    pr = metrics.precision_recall(x, x.copy(), k=3)
+    assert (pr["precision"], pr["recall"]) == (1.0, 1.0)
     # a hand-computed case on a line: real at 0, 1, 3, 7 with k = 1 -> radii 1, 1, 2, 4 (balls [-1, 1],
     # [0, 2], [1, 5], [3, 11]); fake at 0.5, 5.5, 12, 20 -> radii 5, 5, 6.5, 8 (balls [-4.5, 5.5],
     # [0.5, 10.5], [5.5, 18.5], [12, 28]).
@@ -115,7 +116,7 @@ def test_precision_recall_known_answers():
     assert metrics.knn_radii(real, 1).tolist() == [1.0, 1.0, 2.0, 4.0]
     assert metrics.manifold_coverage(real, fake, 1).tolist() == [True, True, False, False]
     assert metrics.manifold_coverage(fake, real, 1).tolist() == [True, True, True, True]
-    assert metrics.precision_recall(real, fake, k=1) == {"precision": 0.5, "recall": 1.0}
+    assert metrics.precision_recall(real, fake, k=1) == {"precision": 0.5, "recall": 1.0, "k_real": 1, "k_fake": 1}
     # k = 2: real radii 3, 2, 3, 6 -> the ball [1, 13] of 7 now holds 12 as well
     assert metrics.precision_recall(real, fake, k=2)["precision"] == 0.75
 
@@ -129,6 +130,9 @@ def test_near_duplicate_reference_shrinks_the_k_nn_balls():
     held = centres + rng.normal(scale=0.3, size=(30, 8))  # new data from around the same points
     assert metrics.precision_recall(train, held, k=3)["precision"] == 0.0  # radii: near-copy distances
     assert metrics.precision_recall(train, held, k=8)["precision"] > 0.5  # radii reach other centres
+    auto = metrics.precision_recall(train, held)  # k = sqrt(set size): 11 for the 120 training points
+    assert (auto["k_real"], auto["k_fake"]) == (11, 5) and auto["precision"] > 0.5
+    assert [metrics.auto_k(n) for n in (2, 4, 10, 400, 10_000)] == [1, 3, 3, 20, 100]
 
 
 def test_psnr_is_ten_log10_range_squared_over_mse():

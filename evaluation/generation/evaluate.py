@@ -3,13 +3,21 @@
     python -m evaluation.generation.evaluate --real_meta data/demo/metadata.csv \
         --samples samples/run1/samples.npz --classifier_ckpt runs/classifier.pt --out runs/eval_generation
 
---samples is an .npz with `samples` [N, H, W, 3] uint8 and `labels` [N] (what sample_c2i.py writes), or a
+--samples is an .npz with `samples` (or `arr_0`) [N, H, W, 3] uint8 and `labels` [N] (what sample_c2i.py writes), or a
 folder of class sub-folders (SAMPLE_DIR/<run>/<class_name>/<index>.png) whose names are the metadata's
 label_name values or integer labels.
 
+- Real images are read exactly as the codes the generator learnt from were made: the preprocessing (CT
+  window, intensity scaling, fit) comes from the tokenization manifest (tokenizer.json, written by
+  batch_infer.py) of `--codes` (the code folder or code metadata), or from one beside `--real_meta`.
 - Distribution metrics compare the samples with the real `--train_split` images (what the generator learnt
   from) in the chosen feature space; the same metrics for the real `--heldout_split` images against the
-  training images are reported next to them as the floor a perfect generator would reach at this sample size.
+  training images are reported next to them as the floor (FID, KID) and ceiling (precision, recall) a
+  perfect generator would reach at this sample size.
+- Precision = share of samples inside the real images' k-NN manifold (union of balls reaching each real
+  image's k-th nearest real neighbour): fidelity. Recall = share of real images inside the samples' k-NN
+  manifold: diversity. k is sqrt(set size) unless --k is given (the published k = 3 is for 50k images; on a
+  few hundred near-duplicate slices its balls are so small that held-out real images score near 0 too).
 - Class fidelity: the evaluation classifier's accuracy on the samples, with their conditioning labels as
   targets (and its accuracy on held-out real images for reference).
 - Memorisation: each sample's distance to its nearest training image against the same for held-out real
@@ -36,6 +44,7 @@ from evaluation.features import (
     extract_features,
     from_uint8,
     image_loader,
+    manifest_read_options,
     plot_image_rows,
     plot_per_class,
     to_uint8,
@@ -66,10 +75,12 @@ def load_samples(path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         path = path / "samples.npz"
     if path.suffix == ".npz":
         with np.load(path) as data:
-            missing = [k for k in ("samples", "labels") if k not in data]
+            key = "samples" if "samples" in data else "arr_0"  # arr_0: the ADM evaluator's name
+            missing = [k for k in (key, "labels") if k not in data]
             if missing:
-                raise ValueError(f"{path}: missing arrays {missing}; expected 'samples' [N, H, W, 3] and 'labels' [N]")
-            images, labels = data["samples"], data["labels"].astype(np.int64)
+                raise ValueError(f"{path}: missing arrays {missing}; expected 'samples' (or 'arr_0') [N, H, W, 3] "
+                                 f"and 'labels' [N]")
+            images, labels = data[key], data["labels"].astype(np.int64)
         if len(images) != len(labels):
             raise ValueError(f"{path}: {len(images)} samples but {len(labels)} labels")
         if images.dtype != np.uint8:
@@ -104,10 +115,11 @@ def load_samples(path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------
-def distribution_metrics(real: np.ndarray, fake: np.ndarray, k: int, kid_subsets: int, kid_subset_size: int) -> dict:
-    """FID, KID and k-NN precision/recall of fake against real features."""
+def distribution_metrics(real: np.ndarray, fake: np.ndarray, k: int | None, kid_subsets: int,
+                         kid_subset_size: int) -> dict:
+    """FID, KID and k-NN precision/recall of fake against real features (k None: sqrt of each set's size)."""
     kid_mean, kid_std = metrics.kid(real, fake, subsets=kid_subsets, subset_size=kid_subset_size)
-    pr = metrics.precision_recall(real, fake, k=min(k, len(real) - 1, len(fake) - 1))
+    pr = metrics.precision_recall(real, fake, k=None if k is None else min(k, len(real) - 1, len(fake) - 1))
     return {"fid": metrics.fid(real, fake), "kid_mean": kid_mean, "kid_std": kid_std, **pr}
 
 
@@ -120,13 +132,15 @@ def class_accuracy(classifier: ClassifierFeatures, images: torch.Tensor, labels:
 
 def evaluate_generation(real_meta, samples, classifier_ckpt=None, feature_space: str = "classifier",
                         inception_weights=None, meditok_ckpt=None, dataset_dir=None, train_split: str = "train",
-                        heldout_split: str | None = "val", k: int = 3, kid_subsets: int = 50,
+                        heldout_split: str | None = "val", k: int | None = None, kid_subsets: int = 50,
                         kid_subset_size: int = 1000, min_class_fid: int = 10, num_pairs: int = 8,
-                        batch_size: int = 64, num_workers: int = 0, device="cpu", out=None) -> dict:
+                        batch_size: int = 64, num_workers: int = 0, device="cpu", out=None, codes=None) -> dict:
     """Metrics of generated `samples` (.npz path, folder, or (images uint8 [N,H,W,C], labels [N])) against the
-    real rows of `real_meta`. Returns a dict (fid, kid_mean, precision, recall, sample_class_accuracy,
-    memorisation, per_class, ...); with `out`, also writes the JSON / Markdown report and the plots there."""
+    real rows of `real_meta`, read with the preprocessing of the manifest of `codes` (or the one beside
+    `real_meta`). Returns a dict (fid, kid_mean, precision, recall, sample_class_accuracy, memorisation,
+    per_class, ...); with `out`, also writes the JSON / Markdown report and the plots there."""
     real_meta = Path(real_meta)
+    read_options, manifest = manifest_read_options(codes, real_meta)
     rows = read_metadata(real_meta)
     class_names = class_names_of(rows, real_meta)
     images_u8, labels = samples if isinstance(samples, tuple) else load_samples(samples, class_names)
@@ -144,13 +158,14 @@ def evaluate_generation(real_meta, samples, classifier_ckpt=None, feature_space:
 
     extractor = build_extractor(feature_space, classifier_ckpt, inception_weights, meditok_ckpt, device)
     read = dict(meta_path=real_meta, dataset_dir=dataset_dir, image_size=size, batch_size=batch_size,
-                num_workers=num_workers)  # real images at the samples' size: both go through the same resize
+                num_workers=num_workers, **read_options)  # real images at the samples' size, as the codes were made
     f_fake = extract_features(extractor, fake_images, batch_size, device, "sample features")
     f_train = extract_features(extractor, image_loader(train_rows, **read), batch_size, device, "train features")
     result = {
         "real_meta": str(real_meta), "samples": None if isinstance(samples, tuple) else str(samples),
         "feature_space": extractor.name, "num_samples": len(f_fake), "num_train": len(f_train),
         "num_heldout": len(held_rows), "sample_size": size, "class_names": class_names,
+        "manifest": None if manifest is None else manifest.get("_path"), "real_preprocessing": read_options,
         **distribution_metrics(f_train, f_fake, k, kid_subsets, kid_subset_size),
     }
     f_held = None
@@ -206,10 +221,16 @@ def markdown_of(r: dict) -> str:
         "# Generation metrics", "",
         f"{r['num_samples']} samples ({r['sample_size']} px) against {r['num_train']} real training images of "
         f"`{r['real_meta']}`, in the **{r['feature_space']}** feature space.", "",
-        "| metric | samples vs train | held-out real vs train (floor) |", "|---|---:|---:|",
+        "| metric | samples vs train | held-out real vs train (floor / ceiling) |", "|---|---:|---:|",
     ]
     for key in ("fid", "kid_mean", "precision", "recall"):
         lines.append(f"| {key} | {fmt(r.get(key), '.4f')} | {fmt(ref.get(key), '.4f')} |")
+    lines += ["", f"Precision: share of samples inside the union of k-NN balls of the real training images "
+                  f"(k = {r.get('k_real')}), i.e. that look like some real image; recall: share of real training "
+                  f"images inside the samples' k-NN balls (k = {r.get('k_fake')}), i.e. how much of the real "
+                  f"variety the samples cover. Held-out real images in place of the samples give the ceiling."]
+    if r.get("manifest"):
+        lines += ["", f"Real images read with the preprocessing of `{r['manifest']}`: {r['real_preprocessing']}"]
     lines += ["", f"- class fidelity (classifier accuracy on samples): **{fmt(r.get('sample_class_accuracy'))}** "
                   f"(held-out real images: {fmt(r.get('heldout_class_accuracy'))})"]
     mem = r.get("memorisation")
@@ -235,7 +256,8 @@ def write_outputs(result: dict, out, images_u8, pairs, train_rows, read: dict) -
         paths.append(plot)
     if pairs:
         dataset = ImageDataset([train_rows[j] for _, j, _ in pairs], meta_path=read["meta_path"],
-                               dataset_dir=read["dataset_dir"], image_size=read["image_size"], channels=3)
+                               dataset_dir=read["dataset_dir"], image_size=read["image_size"], channels=3,
+                               **result["real_preprocessing"])
         neighbours = to_uint8(torch.stack([dataset[n]["image"] for n in range(len(dataset))]))
         samples = np.stack([images_u8[i] for i, _, _ in pairs])
         paths.append(plot_image_rows([("sample", samples), ("nearest train", neighbours)],
@@ -251,7 +273,7 @@ def main(args):
         train_split=args.train_split, heldout_split=None if args.heldout_split == "none" else args.heldout_split,
         k=args.k, kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
         min_class_fid=args.min_class_fid, num_pairs=args.num_pairs, batch_size=args.batch_size,
-        num_workers=args.num_workers, device=args.device, out=args.out,
+        num_workers=args.num_workers, device=args.device, out=args.out, codes=args.codes,
     )
     print(markdown_of(result))
     print(f"[generation] wrote {args.out}/generation_metrics.json, .md and plots")
@@ -265,16 +287,22 @@ if __name__ == "__main__":
     data.add_argument("--real_meta", required=True, help="metadata of the real images (label, split columns)")
     data.add_argument("--samples", required=True, help="samples .npz (samples, labels) or a folder of class folders")
     data.add_argument("--dataset_dir", default=None, help="folder that relative identifiers resolve against")
+    data.add_argument("--codes", "--manifest", default=None,
+                      help="code folder, code metadata or tokenizer.json of the codes the GPT learnt from: real images "
+                           "are preprocessed as those codes were made (default: a tokenizer.json beside --real_meta)")
     data.add_argument("--train_split", default="train", help="real reference split (what the generator learnt from)")
     data.add_argument("--heldout_split", default="val", help="held-out real split for the floor and memorisation ('none' to skip)")
     feats = parser.add_argument_group("feature space")
     feats.add_argument("--feature_space", default="classifier", choices=SPACES, help="features for FID/KID/PR and memorisation")
     feats.add_argument("--classifier_ckpt", default=None,
                        help="classifier from evaluation.train_classifier (also gives the class-fidelity score)")
-    feats.add_argument("--inception_weights", default=None, help="local Inception-v3 state dict (never downloaded)")
+    feats.add_argument("--inception_weights", default=None,
+                       help="FID Inception weights (torch-fidelity's weights-inception-2015-12-05-6726825d.pth; a path "
+                            "or hf:// reference, never downloaded otherwise): paper-comparable FID/KID")
     feats.add_argument("--meditok_ckpt", default=None, help="MedITok checkpoint whose encoder gives the features")
     m = parser.add_argument_group("metrics")
-    m.add_argument("--k", type=int, default=3, help="k of the k-NN manifolds for precision/recall")
+    m.add_argument("--k", type=int, default=None,
+                   help="k of the k-NN manifolds for precision/recall (default: sqrt of each set's size, at least 3)")
     m.add_argument("--kid_subsets", type=int, default=50, help="random subsets averaged by KID")
     m.add_argument("--kid_subset_size", type=int, default=1000, help="rows per KID subset (capped at the set sizes)")
     m.add_argument("--min_class_fid", type=int, default=10, help="per-class FID only with at least this many images")

@@ -3,9 +3,11 @@
     python -m evaluation.tokenizer.evaluate --meta data/demo/metadata.csv --tokenizer_ckpt runs/tok.pt \
         --split val --out runs/eval_tokenizer
 
-Each image goes through encode -> quantize -> decode (`img_to_reconstructed_img`) at the tokenizer's size.
-PSNR and SSIM (torchmetrics) are computed per image on [-1, 1] images (data range 2, the same numbers as on
-[0, 1] with range 1) and averaged. rFID is the Frechet distance between the features of the originals and of
+Each image goes through encode -> quantize -> decode (`img_to_reconstructed_img`) at the tokenizer's size,
+read with the preprocessing the codes were made with when a tokenization manifest is found (`--codes`, or
+a tokenizer.json beside --meta: CT window, intensity scaling, fit). PSNR and SSIM (`evaluation.metrics`:
+PSNR = 10 log10(range^2 / MSE), SSIM on images mapped to [0, 1]) are computed per image, the reconstruction
+clamped to the valid range, and averaged. rFID is the Frechet distance between the features of the originals and of
 their reconstructions in the chosen feature space (default: the tokenizer's own encoder).
 Writes OUT/tokenizer_metrics.{json,md}, OUT/tokenizer_per_class.png and OUT/tokenizer_worst.png (the images
 with the lowest PSNR: original, reconstruction, absolute error).
@@ -17,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
 from datasets.metadata import filter_split, read_metadata
@@ -28,6 +29,7 @@ from evaluation.features import (
     build_extractor,
     class_names_of,
     image_loader,
+    manifest_read_options,
     plot_image_rows,
     plot_per_class,
     to_uint8,
@@ -68,14 +70,16 @@ def _mean(values) -> float | None:
 def evaluate_tokenizer(meta, tokenizer, split: str | None = "val", dataset_dir=None, feature_space: str | None = "meditok",
                        classifier_ckpt=None, inception_weights=None, meditok_ckpt=None, batch_size: int = 16,
                        num_workers: int = 0, max_images: int | None = None, worst_k: int = 8, device="cpu",
-                       out=None) -> dict:
+                       out=None, codes=None) -> dict:
     """Reconstruction metrics of `tokenizer` (a checkpoint path or a MedITok) on the `split` rows of `meta`.
 
     feature_space: one of SPACES or None (no rFID). For "meditok" without `meditok_ckpt` the evaluated
-    tokenizer's own encoder is used. Returns a dict (recon_psnr_db, recon_ssim, rfid, per_class, worst, ...);
+    tokenizer's own encoder is used. Real images are preprocessed by the manifest of `codes` (or the one
+    beside `meta`) when there is one. Returns a dict (recon_psnr_db, recon_ssim, rfid, per_class, worst, ...);
     with `out`, also writes the JSON / Markdown report and the plots there.
     """
     meta = Path(meta)
+    read_options, manifest = manifest_read_options(codes, meta)
     all_rows = read_metadata(meta)
     rows = filter_split(all_rows, split)[:max_images]
     if not rows:
@@ -91,12 +95,12 @@ def evaluate_tokenizer(meta, tokenizer, split: str | None = "val", dataset_dir=N
 
     psnr, ssim, labels, feats_real, feats_rec = [], [], [], [], []
     worst: list[tuple[float, int, np.ndarray, np.ndarray]] = []  # (psnr, row position, original, reconstruction)
-    loader = image_loader(rows, meta, dataset_dir, model.img_size, batch_size, num_workers)
+    loader = image_loader(rows, meta, dataset_dir, model.img_size, batch_size, num_workers, **read_options)
     for batch in tqdm(loader, desc="reconstructing"):
         x = batch["image"].to(device)  # [B, 3, S, S] in [-1, 1]
         rec = model.img_to_reconstructed_img(x).float()
-        p = peak_signal_noise_ratio(rec, x, data_range=2.0, reduction="none", dim=(1, 2, 3))  # [B]
-        s = structural_similarity_index_measure(rec, x, data_range=2.0, reduction="none")  # [B]
+        p = metrics.psnr(rec, x, (-1, 1))  # [B]
+        s = metrics.ssim(rec, x, (-1, 1))  # [B]
         psnr += p.cpu().tolist()
         ssim += s.cpu().tolist()
         labels += batch["label"].tolist() if has_labels else [0] * len(x)
@@ -124,6 +128,7 @@ def evaluate_tokenizer(meta, tokenizer, split: str | None = "val", dataset_dir=N
         "meta": str(meta), "split": split,
         "tokenizer": str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else None,
         "img_size": int(model.img_size), "num_images": len(psnr),
+        "manifest": None if manifest is None else manifest.get("_path"), "real_preprocessing": read_options,
         "recon_psnr_db": _mean(psnr_a), "recon_ssim": _mean(ssim_a),
         "feature_space": None if extractor is None else extractor.name,
         "rfid": metrics.fid(real, recon) if real is not None and len(real) >= 2 else None,
@@ -178,7 +183,7 @@ def main(args):
         feature_space=None if args.feature_space == "none" else args.feature_space,
         classifier_ckpt=args.classifier_ckpt, inception_weights=args.inception_weights, meditok_ckpt=args.meditok_ckpt,
         batch_size=args.batch_size, num_workers=args.num_workers, max_images=args.max_images, worst_k=args.worst_k,
-        device=args.device, out=args.out,
+        device=args.device, out=args.out, codes=args.codes,
     )
     print(markdown_of(result))
     print(f"[tokenizer] wrote {args.out}/tokenizer_metrics.json, .md and plots")
@@ -190,12 +195,15 @@ if __name__ == "__main__":
     parser.add_argument("--meta", required=True, help="metadata file (csv/jsonl/json)")
     parser.add_argument("--tokenizer_ckpt", required=True, help="MedITok checkpoint (ours or the released state dict)")
     parser.add_argument("--dataset_dir", default=None, help="folder that relative identifiers resolve against")
+    parser.add_argument("--codes", "--manifest", default=None,
+                        help="code folder, code metadata or tokenizer.json written by batch_infer.py: images are "
+                             "preprocessed as those codes were made (default: a tokenizer.json beside --meta)")
     parser.add_argument("--split", default="val", help="split to evaluate ('all' for every row)")
     parser.add_argument("--max_images", type=int, default=None, help="evaluate at most this many rows")
     parser.add_argument("--feature_space", default="meditok", choices=[*SPACES, "none"],
                         help="features for rFID; 'meditok' without --meditok_ckpt uses the evaluated tokenizer's encoder")
     parser.add_argument("--classifier_ckpt", default=None, help="classifier from evaluation.train_classifier")
-    parser.add_argument("--inception_weights", default=None, help="local Inception-v3 state dict (never downloaded)")
+    parser.add_argument("--inception_weights", default=None, help="FID Inception weights file (path or hf://)")
     parser.add_argument("--meditok_ckpt", default=None, help="another MedITok whose encoder gives the features")
     parser.add_argument("--worst_k", type=int, default=8, help="number of worst reconstructions shown in the grid")
     parser.add_argument("--batch_size", type=int, default=16, help="images per forward pass")
