@@ -13,7 +13,7 @@ are near-duplicates: the `val` split is one contiguous block per class, separate
 slices by `--gap` dropped slices on each side, so that no validation image has a training neighbour.
 
 Output (identifiers relative to --out, the tutorial's metadata format):
-    OUT/images/<label_name>/<label_name>_<index>.png   8-bit grayscale, --image_size square
+    OUT/images/<label_name>/<label_name>_<index>.png   8-bit grayscale, --output_size square
     OUT/metadata.csv   identifier, code_identifier (empty), label, label_name, split, source
     OUT/demo_info.json the settings, counts and the data licences
 
@@ -215,7 +215,8 @@ def main(args):
 if __name__ == "__main__":
     parser = ArgumentParser(description="Build the 4-class demo dataset of real medical images.")
     parser.add_argument("--out", required=True, help="output folder (images/, metadata.csv, demo_info.json)")
-    parser.add_argument("--image_size", type=int, default=128, help="side of the saved square PNGs in pixels")
+    parser.add_argument("--output_size", dest="image_size", type=int, default=128,
+                        help="side of the saved square PNGs in pixels (--image-size always means a model's input)")
     parser.add_argument("--val_fraction", type=float, default=0.15, help="fraction of each class held out as val")
     parser.add_argument("--gap", type=int, default=3,
                         help="slices/frames dropped on each side of the val block (no neighbour leakage)")

@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from datasets.files import atomic_save, atomic_write_text
 from datasets.metadata import read_metadata, row_where
 from models.distributed import barrier, is_dist, setup_distributed
+from scripts.cli import ArgumentParser
 
 TEXT_COLUMN = "text"
 MANIFEST = "manifest.json"
@@ -289,7 +290,7 @@ def main(args) -> int:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--meta", required=True, help="metadata file (csv/jsonl/json) with a 'text' column")
     parser.add_argument("--encoder", required=True,
                         help="Hugging Face encoder: a local folder (save_pretrained layout) or hf://<org>/<repo>[@revision]")

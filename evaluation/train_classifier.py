@@ -163,5 +163,7 @@ if __name__ == "__main__":
     opt.add_argument("--augment", type=float, default=1.0, help="augmentation strength (0 turns it off)")
     opt.add_argument("--seed", type=int, default=0, help="random seed")
     opt.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--out", required=True, help="checkpoint path to write (a .json summary goes next to it)")
+    parser.add_argument("--classifier_ckpt", dest="out", required=True,
+                        help="checkpoint file to write (a .json summary goes next to it); evaluate.py reads it back "
+                             "under the same name")
     main(parser.parse_args())

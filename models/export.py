@@ -13,11 +13,11 @@ when it is loaded, exactly as for the original file.
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any, Mapping
 
 from models.checkpoint import CheckpointError, extract_state_dict, load_checkpoint, save_safetensors
+from scripts.cli import ArgumentParser
 
 # Fields of our checkpoints that describe the model (everything else is training state).
 DESCRIPTION_FIELDS = ("kind", "config", "img_size", "gpt_model", "label_names", "arch", "model_kwargs",
@@ -63,7 +63,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Write a weights-only .safetensors file from one of our checkpoints.")
+    parser = ArgumentParser(description="Write a weights-only .safetensors file from one of our checkpoints.")
     parser.add_argument("ckpt", help="checkpoint: tokenizer.pt, a GPT checkpoint, a classifier, a released "
                                      ".pth/.pt, or an hf://<org>/<repo>/<file> reference")
     parser.add_argument("out", help="output file, *.safetensors")

@@ -6,6 +6,7 @@ else changes. Then, for every option the script defines:
   - the synonyms in `SYNONYMS` are accepted too, e.g. `--global-seed` where a script defines `--seed`, or
     `--mixed-precision` where it defines `--precision`. A synonym is only taken when the script defines
     exactly one word of its group, so it can never pick between two different flags.
+Values follow the same rule (`VALUE_SYNONYMS`): `--precision none` where a script's choices say `fp32`.
 The translation happens on the command line before argparse sees it, so groups, sub-commands, `--flag=value`
 and `--help` all work; an unknown flag still fails with argparse's own message.
 """
@@ -21,13 +22,31 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("--precision", "--mixed-precision"),  # compute dtype: none / fp16 / bf16
     ("--seed", "--global-seed"),  # base seed; with several processes each derives its own from it
     ("--meta-path", "--meta", "--metadata"),  # one metadata file (csv / jsonl / json)
-    ("--output-dir", "--out-dir"),  # a folder that receives the outputs
+    ("--output-dir", "--out-dir", "--out"),  # a folder that receives the outputs
+)
+# Values that name one thing: where a flag's choices hold one spelling, the others are accepted for it.
+VALUE_SYNONYMS: tuple[tuple[str, ...], ...] = (
+    ("fp32", "none", "float32"),  # --precision: no reduced precision
+    ("bf16", "bfloat16"),
+    ("fp16", "float16"),
 )
 
 
 def _dash(option: str) -> str:
     """'--foo_bar' -> '--foo-bar' (the form used to compare spellings)."""
     return "--" + option[2:].replace("_", "-")
+
+
+def _value(value: str, choices) -> str:
+    """`value`, or its synonym that `choices` holds (e.g. 'none' where the choices say 'fp32')."""
+    if value in choices:
+        return value
+    for group in VALUE_SYNONYMS:
+        if value in group:
+            present = [v for v in group if v in choices]
+            if len(present) == 1:
+                return present[0]
+    return value
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -51,14 +70,23 @@ class ArgumentParser(argparse.ArgumentParser):
     def _canonical(self, args: Sequence[str]) -> list[str]:
         known = self._option_string_actions
         table = self._spellings()
-        out = []
+        out, choices = [], None  # choices: of the option whose value comes next
         for i, token in enumerate(args):
             if token == "--":  # everything after is positional
                 return out + list(args[i:])
-            if token.startswith("--") and len(token) > 2:
+            if choices is not None:
+                token, choices = _value(token, choices), None
+            elif token.startswith("--") and len(token) > 2:
                 name, eq, value = token.partition("=")
                 if name not in known and _dash(name) in table:
-                    token = table[_dash(name)] + eq + value
+                    name = table[_dash(name)]
+                action = known.get(name)
+                if action is not None and action.choices is not None:
+                    if eq:
+                        value = _value(value, action.choices)
+                    else:
+                        choices = action.choices
+                token = name + eq + value
             out.append(token)
         return out
 

@@ -91,7 +91,7 @@ stage() {
 
 # ---- stages ----------------------------------------------------------------------------------
 stage 1_data "build the real-image dataset in $DATA_DIR" \
-    python -m datasets.demo --out "$DATA_DIR" --image_size "$DATA_IMAGE_SIZE"
+    python -m datasets.demo --out "$DATA_DIR" --output_size "$DATA_IMAGE_SIZE"
 
 stage 2_tokenizer "train $TOKENIZER_CONFIG at ${IMAGE_SIZE}px for $TOKENIZER_STEPS steps" \
     env TRAIN_DATA="$DATA_DIR/metadata.csv" VAL_DATA="$DATA_DIR/metadata.csv" OUT_DIR="$TOKENIZER_DIR" \
@@ -127,7 +127,7 @@ stage 5_sample "generate $SAMPLES_PER_CLASS images per class (cfg $CFG_SCALE, te
 
 stage 6_classifier "train the evaluation classifier on the real train images" \
     python -m evaluation.train_classifier --meta "$DATA_DIR/metadata.csv" --image_size "$IMAGE_SIZE" \
-        --epochs "$CLASSIFIER_EPOCHS" --seed "$SEED" --num_workers "$NUM_WORKERS" --out "$EVAL_DIR/classifier.pt" \
+        --epochs "$CLASSIFIER_EPOCHS" --seed "$SEED" --num_workers "$NUM_WORKERS" --classifier_ckpt "$EVAL_DIR/classifier.pt" \
         $CLASSIFIER_EXTRA_ARGS
 
 stage 7_eval_tokenizer "reconstruction PSNR/SSIM of the tokenizer on the val images" \

@@ -102,3 +102,80 @@ def test_released_train_and_sample_command_lines(tmp_path):
         assert data["labels"].tolist() == [r["label"] for r in rows["test"]]
         assert len(list(run.glob("*/*.png"))) == 4
     assert "generated 4 images" in first.stdout and "generated 4 images" in second.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# scripts/cli.py: one helper gives every script both spellings and the vocabulary's synonyms
+# ----------------------------------------------------------------------------------------------
+def test_both_spellings_groups_subcommands_and_synonyms():
+    from scripts.cli import ArgumentParser
+
+    p = ArgumentParser()
+    p.add_argument("--code-dir")
+    p.add_argument("--global-seed", type=int)
+    group = p.add_argument_group("g")
+    group.add_argument("--meta_path")
+    group.add_argument("--mixed-precision", choices=["none", "fp16", "bf16"])
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("run").add_argument("--output_dir")
+    a = p.parse_args(["--code_dir", "c", "--global_seed=3", "--meta-path", "m", "--mixed_precision", "bf16"])
+    assert (a.code_dir, a.global_seed, a.meta_path, a.mixed_precision) == ("c", 3, "m", "bf16")
+    # synonyms of the vocabulary, and value synonyms
+    a = p.parse_args(["--seed", "4", "--meta", "x", "--precision", "fp32", "run", "--out-dir", "o"])
+    assert (a.global_seed, a.meta_path, a.mixed_precision, a.cmd, a.output_dir) == (4, "x", "none", "run", "o")
+    with pytest.raises(SystemExit):  # an unknown flag is still refused
+        p.parse_args(["--no_such_flag", "1"])
+    assert "--foo_bar" in p.format_help() and "--seed -> --global-seed" in p.format_help()
+
+    # A synonym never chooses between two flags a script defines.
+    q = ArgumentParser()
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--global-seed", type=int, default=0)
+    assert vars(q.parse_args(["--global_seed", "2"])) == {"seed": 0, "global_seed": 2}
+
+
+def test_every_script_uses_the_helper():
+    """Every script that parses a command line builds its parser with scripts.cli.ArgumentParser."""
+    offenders, users = [], []
+    for path in sorted(REPO.glob("**/*.py")):
+        rel = path.relative_to(REPO)
+        if rel.parts[0] in ("tests", ".venv") or rel.as_posix() == "scripts/cli.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        if "argparse.ArgumentParser(" in text:
+            offenders.append(str(rel))
+        if "from scripts.cli import ArgumentParser" in text:
+            users.append(rel.as_posix())
+    assert not offenders, offenders
+    assert {"batch_infer.py", "evaluation/generation/sample_c2i.py", "evaluation/generation/train_c2i.py",
+            "scripts/train_tokenizer.py", "datasets/prepare.py"} <= set(users)
+
+
+def test_released_sampler_flags_have_their_released_meaning():
+    """The released sampler's command line parses; --codebook_size is the total vocabulary and
+    --image_size the tokenizer's input size (checked in sample_c2i.load_models)."""
+    from evaluation.generation import sample_c2i
+
+    argv = ["--gpt_model", "GPT-B", "--gpt_ckpt", "g.pt", "--gpt_type", "c2i", "--from_fsdp", "--cls_token_num", "1",
+            "--precision", "bf16", "--compile", "--vq_ckpt", "v.pth", "--codebook_size", "32768",
+            "--codebook_embed_dim", "8", "--image_size", "256", "--num_classes", "6", "--cfg_scale", "1",
+            "--cfg_interval", "-1", "--sample_dir", "s", "--per_proc_batch_size", "32", "--global_seed", "0",
+            "--top_k", "0", "--temperature", "1.0", "--top_p", "1.0", "--num_codebooks", "8", "--num_output_layer", "1",
+            "--vq_embed_path", "v.pth", "--test_data_path", "t.jsonl", "--num_fid_samples", "1000", "--copy_input",
+            "--downsample_size", "16"]
+    a = sample_c2i.get_parser().parse_args(argv)
+    assert (a.codebook_size, a.image_size, a.codebook_embed_dim, a.vq_embed_path, a.from_fsdp) == (32768, 256, 8, "v.pth", True)
+    # and in the hyphen spelling of the older release
+    b = sample_c2i.get_parser().parse_args([x.replace("_", "-") if x.startswith("--") else x for x in argv])
+    assert vars(a) == vars(b)
+
+
+def test_released_trainer_flags_parse():
+    from evaluation.generation import train_c2i
+
+    a = train_c2i.get_parser().parse_args([
+        "--exp-name", "e", "--code-dir", "c.jsonl", "--tokenizer-name", "meditok", "--gpt-type", "c2i",
+        "--dataset", "c2i_code", "--image-size", "256", "--epochs", "300", "--lr", "1e-4", "--num-classes", "6",
+        "--global-batch-size", "128", "--vocab-size", "32768", "--results-dir", "r", "--vq-embed-path", "v.pth",
+        "--no-compile", "--ema", "--mixed-precision", "bf16", "--downsample-size", "16", "--global-seed", "0"])
+    assert (a.vq_embed_path, a.no_compile, a.ema, a.global_batch_size) == ("v.pth", True, True, 128)
