@@ -10,6 +10,7 @@ scripts/train_tokenizer.py shown to change the training gradient (an option that
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,10 +138,20 @@ def vgg_weights(tmp_path_factory):
     return root / "vgg16_features.pth", root / "vgg16_lpips.pth", sd, lin
 
 
+def _torchmetrics_lpips_vgg():
+    import torchmetrics.functional.image.lpips as tm_lpips
+
+    path = Path(tm_lpips.__file__).parent / "lpips_models" / "vgg.pth"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+TORCHMETRICS_LPIPS_VGG = _torchmetrics_lpips_vgg()
+
+
 def reference_perceptual(sd, lin, a, b):
     """torchvision's VGG16 run directly: ImageNet-normalised input, unit-normalised channels at the ReLUs
     after conv1_2, conv2_2, conv3_3, conv4_3, conv5_3; sum over channels of w_c (a - b)^2, mean over batch
-    and positions, summed over the five stages; w_c = 1 / C without lin weights."""
+    and positions, summed over the five stages; w_c from the file, else LPIPS' weights shipped in torchmetrics."""
     from torchvision.models import vgg16
 
     with torch.device("meta"):  # no random init of the unused classifier (seconds)
@@ -161,7 +172,7 @@ def reference_perceptual(sd, lin, a, b):
 
     total = 0.0
     for s, (fa, fb) in enumerate(zip(feats(a), feats(b))):
-        w = lin[f"lin{s}.model.1.weight"] if lin else torch.full((1, fa.shape[1], 1, 1), 1.0 / fa.shape[1])
+        w = (lin or TORCHMETRICS_LPIPS_VGG)[f"lin{s}.model.1.weight"]
         total = total + (w * (fa - fb) ** 2).sum(1).mean()
     return total, taps
 
