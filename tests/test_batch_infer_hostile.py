@@ -456,3 +456,23 @@ def test_torchrun_ranks_stop_together_on_a_refused_folder(tmp_path, tokenizers):
         res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                              text=True, timeout=300)
     assert res.returncode != 0 and res.stderr.count("is in use by pid") >= 2  # both ranks say why
+
+
+def test_outputs_get_the_umask_modes_with_parallel_writers(tmp_path, tokenizers, one_thread):
+    """Writer threads must not flip the process umask: every folder and file gets the plain umask's mode."""
+    (ckpt, _), model = tokenizers
+    rows = []
+    for i in range(8):
+        save_png(tmp_path / "data" / f"d{i}" / "x.png", i, (12, 12))
+        rows.append({"identifier": f"d{i}/x.png"})
+    meta = tmp_path / "data" / "meta.csv"
+    write_metadata(rows, meta)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    out = tmp_path / "out"
+    assert run(meta, out, ckpt, "--batch_size", "8") == 0
+    for p in out.rglob("*"):
+        if p.is_dir():
+            assert p.stat().st_mode & 0o777 == 0o777 & ~umask, p
+        elif p.name.endswith(".pt"):
+            assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p
