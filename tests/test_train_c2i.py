@@ -142,6 +142,9 @@ def test_checkpoint_contents_and_validation_loss(tmp_path):
     assert (tmp_path / "res" / "run" / "log.txt").read_text().count("train loss") >= 2
     w = "layers.0.attention.wqkv.weight"
     assert not torch.equal(ckpt["ema"][w], ckpt["model"][w])  # EMA lags the trained weights
+    weights = load_checkpoint(ckpt_dir / "model.safetensors")  # weights-only export: the EMA, and the config
+    assert weights["config"] == ckpt["config"] and weights["weights"] == "ema"
+    assert all(torch.equal(weights["model"][k], v) for k, v in ckpt["ema"].items())
 
     # The reported validation loss is the model's mean loss over the 6 val/test rows, in eval mode.
     model, _ = load_gpt(ckpt_dir / "latest.pt", prefer_ema=False)
@@ -317,7 +320,7 @@ def test_truncated_newest_checkpoint_falls_back_and_keep_last(tmp_path):
     assert "falling back to" in log and "resumed from" in log and "0000001.pt: step 1" in log
     assert_same_weights(final_weights(tmp_path, "straight"), final_weights(tmp_path, "run"), atol=1e-6)
 
-    # --keep-last 2: only the two newest numbered checkpoints stay, and latest.pt.
+    # --keep-last 2: only the two newest numbered checkpoints stay, and latest.pt (+ its weights-only export).
     train(base_args(meta, tmp_path, "pruned", "--max-steps", "5", "--ckpt-every", "1", "--keep-last", "2", dropout=False))
     names = sorted(p.name for p in (tmp_path / "pruned" / "checkpoints").iterdir())
-    assert names == ["0000003.pt", "0000004.pt", "latest.pt"]
+    assert names == ["0000003.pt", "0000004.pt", "latest.pt", "model.safetensors"]

@@ -29,10 +29,12 @@ from datasets.manifest import check_tokenizer, read_manifest
 from datasets.metadata import read_metadata
 from models.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
+from models.export import export as export_safetensors
 from models.gpt import GPT_models, TransformerBlock, load_vq_embedding
 from models.parallel import (DATA_PARALLEL, device_mesh, full_state_dict, gradient_sync, load_full_optimizer_state,
                              load_full_state_dict, load_sharded, prune_sharded, save_sharded, sharded_checkpoints,
                              wrap_model)
+from models.tracking import Tracker, add_tracking_args
 from models.training import (SCHEDULES, LRSchedule, StepBatchSampler, autocast_context, data_position, gather_rng_states,
                              load_newest_checkpoint, numbered_checkpoints, prune_checkpoints, restore_rng_states,
                              seed_process, set_lr, update_ema)
@@ -348,10 +350,8 @@ def main(args, load=load_data):
         del ckpt
 
     writer = None
-    if rank == 0 and not args.no_tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(experiment_dir / "tensorboard"))
+    if rank == 0 and (not args.no_tensorboard or args.wandb):  # tensorboard and/or wandb (models/tracking.py)
+        writer = Tracker(experiment_dir / "tensorboard", args, tensorboard=not args.no_tensorboard)
 
     def save(name: str):
         """ddp: one file `name` with everything. fsdp/hsdp: the training state as the DCP folder NNNNNNN/
@@ -459,6 +459,9 @@ def main(args, load=load_data):
     pbar.close()
     val_loss = evaluate()
     save("latest.pt")
+    if rank == 0 and not args.no_local_save:  # weights only, EMA when trained with it: python -m models.export
+        export_safetensors(checkpoint_dir / "latest.pt", checkpoint_dir / "model.safetensors", ema=ema is not None)
+        logger.info(f"wrote {checkpoint_dir / 'model.safetensors'}")
     if writer:
         writer.close()
     stats = {
@@ -554,6 +557,7 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=100, help="log the training loss every this many steps")
     g.add_argument("--eval-every", type=int, default=0, help="validation loss every this many steps (0: only at the end)")
     g.add_argument("--no-tensorboard", action="store_true", help="do not write tensorboard logs")
+    add_tracking_args(g)
     g.add_argument("--timing-warmup-steps", type=int, default=2, help="steps left out of the reported throughput")
     return parser
 
