@@ -141,8 +141,14 @@ def shard(model: nn.Module, mesh: Optional[DeviceMesh], block_types: tuple[type,
         kwargs["mp_policy"] = mp_policy
     for block in find_blocks(model, block_types):
         fully_shard(block, **kwargs)
+    # fully_shard cannot split 0-d parameters (MedITok's frozen logit_scale): they stay whole on every
+    # rank, which is only right when nothing trains them (FSDP would not reduce their gradients).
+    scalars = {p for p in model.parameters() if p.dim() == 0}
+    trained = [n for n, p in model.named_parameters() if p in scalars and p.requires_grad]
+    if trained:
+        raise ValueError(f"fsdp/hsdp cannot shard the trained 0-d parameters {trained}; make them 1-d")
     # The root's weights are used again at the start of backward: keep them gathered in between.
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    fully_shard(model, reshard_after_forward=False, ignored_params=scalars or None, **kwargs)
     return model
 
 
@@ -170,7 +176,9 @@ def wrap_model(model: nn.Module, mode: str, device: torch.device, block_types: t
     if mode == "ddp":
         train_model = torch.compile(model) if compile else model
         if world_size > 1:
-            train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+            # Gradients as views into DDP's all-reduce buckets: one gradient copy instead of two.
+            train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None,
+                              gradient_as_bucket_view=True)
         return train_model
     if compile:  # per block and in place, so the parameter names stay those of the plain model
         for block in find_blocks(model, block_types):
@@ -183,6 +191,21 @@ def wrap_model(model: nn.Module, mode: str, device: torch.device, block_types: t
 
 def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module):
+    """For code that calls a sharded module's methods other than forward (evaluation helpers such as
+    `img_to_idx`): the root's weights are gathered for the duration (its blocks gather their own when
+    called). Every rank must enter it. Nothing happens for a plain module."""
+    if not isinstance(module, FSDPModule):
+        yield module
+        return
+    module.unshard()
+    try:
+        yield module
+    finally:
+        module.reshard()
 
 
 def gradient_sync(model: nn.Module, sync: bool):

@@ -20,6 +20,8 @@ OUT_DIR receives
     checkpoints/step_NNNNNNN.pt full training state (weights, EMA, optimizers, schedule, step, data order, every
                                 rank's RNG), written atomically every --ckpt-every steps; a rerun with the same
                                 OUT_DIR resumes from the newest readable one exactly where it stopped
+    checkpoints/step_NNNNNNN/   the same with --data-parallel fsdp/hsdp: a sharded folder (models/parallel.py)
+                                that resumes on any number of processes
     log.txt, tb/                log and tensorboard (losses, val PSNR/SSIM, codebook usage/perplexity, grids)
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ import argparse
 import copy
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -43,10 +45,14 @@ from tqdm import tqdm
 from datasets.image_dataset import ImageDataset
 from datasets.metadata import filter_split, read_metadata
 from evaluation.metrics import psnr, ssim
-from models.checkpoint import load_state_dict_strict, state_dict_to_cpu
+from models.checkpoint import load_checkpoint, load_state_dict_strict, state_dict_to_cpu
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
-from models.meditok import MEDITOK_CONFIGS, MedITok, build_meditok, save_meditok
+from models.meditok import MEDITOK_CONFIGS, MedITok, MedITokConfig, build_meditok, save_meditok
+from models.meditok_blocks import InvMbConvBlock
+from models.parallel import (DATA_PARALLEL, TRAIN_STATE, device_mesh, full_state_dict, gathered, is_sharded,
+                             load_full_optimizer_state, load_full_state_dict, load_sharded, prune_sharded, save_sharded,
+                             sharded_checkpoints, wrap_model)
 from models.training import (LRSchedule, StepBatchSampler, autocast_context, data_position, ema_decay_at,
                              gather_rng_states, load_newest_checkpoint, numbered_checkpoints, prune_checkpoints,
                              restore_rng_states, seed_process, set_lr, update_ema)
@@ -138,6 +144,12 @@ def last_decoder_layer(model: MedITok) -> torch.Tensor:
     return [m for m in model.decoder.modules() if isinstance(m, nn.Conv2d)][-1].weight
 
 
+def shard_units(model: MedITok) -> tuple[type, ...]:
+    """What fsdp/hsdp shard one at a time: timm's ViT blocks (encoder and decoder) and the decoder's
+    conv blocks; the stems, projections, quantizer and output conv stay in the root group."""
+    return tuple({type(b) for b in model.encoder.blocks} | {InvMbConvBlock})
+
+
 def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, layer: torch.Tensor) -> torch.Tensor:
     """VQGAN's balance: ||d rec / d last layer|| / ||d gan / d last layer||, so neither term dominates."""
     rec_grad = torch.autograd.grad(rec_loss, layer, retain_graph=True)[0]
@@ -224,7 +236,6 @@ class Parts:
     opt: torch.optim.Optimizer
     disc_opt: Optional[torch.optim.Optimizer]
     perceptual: Optional[nn.Module]
-    last_layer: torch.Tensor
 
 
 def is_training_state(ckpt) -> bool:
@@ -234,7 +245,11 @@ def is_training_state(ckpt) -> bool:
 def build_tokenizer(args, device: torch.device, resume: Optional[Path], logger) -> MedITok:
     """The tokenizer to train: resumed (OUT_DIR's checkpoint) > fine-tuned (--init-ckpt) > new (--config)."""
     overrides = {"use_entropy_loss": args.entropy_weight > 0}
-    if resume is not None:
+    if resume is not None and resume.is_dir():  # a sharded training state: its config now, its weights once sharded
+        state = load_checkpoint(resume / TRAIN_STATE)
+        with torch.device(device):
+            model = MedITok(replace(MedITokConfig(**state["config"]), **overrides), int(state["img_size"]))
+    elif resume is not None:
         model = build_meditok(resume, prefer_ema=False, device=device, **overrides)
     elif args.init_ckpt:
         model = build_meditok(args.init_ckpt, img_size=args.image_size, device=device, **overrides)
@@ -274,10 +289,14 @@ def build_optimizers(args, model: MedITok, disc: Optional[nn.Module]):
 
 def restore(ckpt: dict, path: Path, raw: MedITok, ema, raw_disc, opt, disc_opt, rank: int, world_size: int,
             device: torch.device, logger) -> int:
-    """Load the training state of `ckpt` (the weights are already in `raw`); returns its step."""
-    if ema is not None and "ema" in ckpt:
-        load_state_dict_strict(ema, ckpt["ema"], context=f"{path} [ema]")
-    opt.load_state_dict(ckpt["optimizer"])
+    """Load the training state of `ckpt` into the (wrapped or sharded) parts; returns its step. A file's
+    weights are already in `raw`; a sharded folder's weights, EMA and optimizer state are read here."""
+    if path.is_dir():
+        load_sharded(path, raw, opt, ema)
+    else:
+        if ema is not None and "ema" in ckpt:
+            load_full_state_dict(ema, ckpt["ema"], context=f"{path} [ema]")
+        load_full_optimizer_state(raw, opt, ckpt["optimizer"])
     if raw_disc is not None:
         if "disc" not in ckpt:
             raise ValueError(f"{path} has no discriminator state but --disc-weight > 0")
@@ -295,6 +314,10 @@ def build_or_resume(args, device: torch.device, ckpt_dir: Path, world_size: int,
     """(parts, step to start at, the checkpoint resumed from or None). A rerun with the same OUT_DIR resumes
     from its newest readable checkpoint (a truncated newer one is skipped and named in the log)."""
     resume, ckpt = load_newest_checkpoint(numbered_checkpoints(ckpt_dir, CKPT_PREFIX), logger, is_training_state)
+    sharded = sharded_checkpoints(ckpt_dir, CKPT_PREFIX)  # written by --data-parallel fsdp/hsdp runs
+    if sharded and (ckpt is None or sharded[-1][0] >= int(ckpt["step"])):
+        resume = sharded[-1][1]
+        ckpt = load_checkpoint(resume / TRAIN_STATE)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw = build_tokenizer(args, device, resume, logger)
     ema = copy.deepcopy(raw).eval().requires_grad_(False) if args.ema_decay > 0 else None
@@ -306,28 +329,31 @@ def build_or_resume(args, device: torch.device, ckpt_dir: Path, world_size: int,
         from models.losses import PerceptualLoss
 
         perceptual = PerceptualLoss(args.perceptual_weights).to(device)
+    # ddp: DDP(raw); fsdp/hsdp: raw and the EMA sharded in place per ViT block and decoder conv block
+    # (models/parallel.py). The optimizer is built on what training updates (shards), then restored.
+    model = wrap_model(raw, args.data_parallel, device, shard_units(raw), mesh=device_mesh(args.data_parallel, device),
+                       precision=args.precision, ema=ema)
     opt, disc_opt = build_optimizers(args, raw, raw_disc)
     seed_process(args.seed, world_size, rank)  # each rank its own stream from here on
     step = 0
     if ckpt is not None:
         step = restore(ckpt, resume, raw, ema, raw_disc, opt, disc_opt, rank, world_size, device, logger)
-    model, disc = raw, raw_disc
-    if world_size > 1:
-        ids = [device.index] if device.type == "cuda" else None
-        model = DDP(raw, device_ids=ids)
-        disc = DDP(raw_disc, device_ids=ids) if raw_disc is not None else None
-    parts = Parts(raw, model, ema, raw_disc, disc, opt, disc_opt, perceptual, last_decoder_layer(raw))
+    disc = raw_disc
+    if world_size > 1 and raw_disc is not None:  # small: plain DDP in every mode
+        disc = DDP(raw_disc, device_ids=[device.index] if device.type == "cuda" else None)
+    parts = Parts(raw, model, ema, raw_disc, disc, opt, disc_opt, perceptual)
     return parts, step, ckpt
 
 
 def save_training_state(path: Path, parts: Parts, schedule: LRSchedule, sampler: StepBatchSampler, step: int,
                         args, device: torch.device, rank: int) -> None:
-    """Every rank's RNG state is gathered (all ranks call this), rank 0 writes the file atomically."""
+    """Every rank's RNG state is gathered (all ranks call this), rank 0 writes the file atomically.
+    Sharded (fsdp/hsdp): every rank writes its shards into the folder `path` without its suffix."""
     rng = gather_rng_states(device)
-    if rank != 0:
+    sharded = is_sharded(parts.raw)
+    if rank != 0 and not sharded:
         return
     extra = {
-        "optimizer": parts.opt.state_dict(),
         "scheduler": schedule.state_dict(),
         "step": step,
         "data": sampler.state_dict(),
@@ -336,11 +362,18 @@ def save_training_state(path: Path, parts: Parts, schedule: LRSchedule, sampler:
         "rng": rng,
         "args": vars(args),
     }
-    if parts.ema is not None:
-        extra["ema"] = state_dict_to_cpu(parts.ema)
-    if parts.raw_disc is not None:
+    if parts.raw_disc is not None:  # the discriminator is never sharded
         extra["disc"] = state_dict_to_cpu(parts.raw_disc)
         extra["disc_optimizer"] = parts.disc_opt.state_dict()
+    if sharded:
+        extra.update(kind="meditok", config=asdict(parts.raw.config), img_size=int(parts.raw.img_size))
+        save_sharded(path.with_suffix(""), parts.raw, parts.opt, parts.ema, extra)
+        if rank == 0:
+            prune_sharded(path.parent, args.keep_last, CKPT_PREFIX)
+        return
+    extra["optimizer"] = parts.opt.state_dict()
+    if parts.ema is not None:
+        extra["ema"] = state_dict_to_cpu(parts.ema)
     save_meditok(parts.raw, path, extra)
     prune_checkpoints(path.parent, args.keep_last, CKPT_PREFIX)
 
@@ -401,7 +434,8 @@ def train_step(parts: Parts, x: torch.Tensor, step: int, lr: float, disc_lr: flo
             parts.raw_disc.requires_grad_(False)
             g_loss = hinge_g_loss(parts.raw_disc(rec))
             parts.raw_disc.requires_grad_(True)
-            gan_w = args.disc_weight * (adaptive_gan_weight(rec_loss, g_loss, parts.last_layer)
+            # The last layer is looked up after the forward: sharded, only then is it the gathered weight.
+            gan_w = args.disc_weight * (adaptive_gan_weight(rec_loss, g_loss, last_decoder_layer(parts.raw))
                                         if args.disc_adaptive else 1.0)
             loss = loss + gan_w * g_loss
     parts.opt.zero_grad(set_to_none=True)
@@ -508,7 +542,8 @@ def validate(parts: Parts, data: Data, args, device: torch.device, step: int, lo
         return None
     results = {}
     for name, m in [("model", parts.raw)] + ([("ema", parts.ema)] if parts.ema is not None else []):
-        results[name], grid = evaluate(m, data.val_images, args, device)
+        with gathered(m):  # evaluate calls img_to_idx/idx_to_img, not forward
+            results[name], grid = evaluate(m, data.val_images, args, device)
         log.val(step, name, results[name], data.val_images, grid)
     return results
 
@@ -520,6 +555,9 @@ def main(args):
     rank, world_size, device = setup_distributed()
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} processes")
+    if args.dead_code_every and args.data_parallel != "ddp" and world_size > 1:
+        raise ValueError("--dead-code-every rewrites codebook rows in place, which sharded codebooks do not allow: "
+                         "use --data-parallel ddp or --dead-code-every 0")
     out_dir, ckpt_dir = Path(args.out_dir), Path(args.out_dir) / "checkpoints"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -572,12 +610,17 @@ def main(args):
     # The end: full training state, final evaluation, tokenizer.pt.
     results = validate(parts, data, args, device, step, log)
     save_training_state(ckpt_dir / f"{CKPT_PREFIX}{step:07d}.pt", parts, schedule, data.sampler, step, args, device, rank)
+    # Consolidated weights for tokenizer.pt (a collective when sharded; rank 0 receives them).
+    weights = full_state_dict(parts.raw) if is_sharded(parts.raw) else None
+    ema_weights = full_state_dict(parts.ema) if parts.ema is not None else None
     if rank == 0:
         summary = {name: {"psnr": r["psnr"], "ssim": r["ssim"], "usage": r["usage"].tolist(),
                           "perplexity": r["perplexity"].tolist()} for name, r in (results or {}).items()}
         extra = {"step": step, "args": vars(args), "val": summary}
-        if parts.ema is not None:
-            extra["ema"] = state_dict_to_cpu(parts.ema)  # build_meditok prefers these weights
+        if weights is not None:
+            extra["model"] = weights  # replaces save_meditok's own copy of the (sharded) module's
+        if ema_weights is not None:
+            extra["ema"] = ema_weights  # build_meditok prefers these weights
         save_meditok(parts.raw, out_dir / "tokenizer.pt", extra)
         logger.info(f"wrote {out_dir / 'tokenizer.pt'} after {step} steps")
     log.close()
@@ -613,6 +656,11 @@ def get_parser() -> argparse.ArgumentParser:
     model.add_argument("--init-ckpt", default=None,
                        help="fine-tune from these weights (ours or the released meditok_simple_v1.pth)")
     model.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT activations in backward (large configs)")
+    model.add_argument("--data-parallel", default="ddp", choices=DATA_PARALLEL,
+                       help="ddp: full weights, gradients and AdamW state on every process; fsdp: split over the "
+                            "processes (FSDP2 per ViT block and decoder conv block; bf16 compute with fp32 master "
+                            "weights on GPU); hsdp: split within a node, replicated across nodes. fsdp/hsdp write "
+                            "sharded checkpoints/step_NNNNNNN/ folders (--dead-code-every needs ddp)")
     model.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="autocast dtype on GPU (CPU runs fp32)")
     optim = p.add_argument_group("optimisation")
     optim.add_argument("--batch-size", type=int, default=32, help="global batch size (split over processes)")

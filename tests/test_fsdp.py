@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 
 from models.checkpoint import CheckpointError, load_checkpoint
 from models.gpt import GPT_models, TransformerBlock, load_gpt
+from models.meditok import build_meditok
 from models.parallel import (
     PARTIAL,
     TRAIN_STATE,
@@ -33,7 +34,11 @@ from models.parallel import (
     wrap_model,
 )
 from models.training import update_ema
+from scripts.train_tokenizer import adaptive_gan_weight, last_decoder_layer, shard_units
 from test_train_c2i import base_args, final_weights, make_codes, subprocess_env, train  # the GPT trainer's tiny runs
+from test_train_tokenizer import SIZE as TOKENIZER_SIZE
+from test_train_tokenizer import data  # noqa: F401  (fixture: the tokenizer tests' blob images)
+from test_train_tokenizer import run as run_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 K, GRID, SUB, CLASSES, BATCH = 4, 4, 16, 3, 8
@@ -53,6 +58,23 @@ def global_batch(step):
     """The global batch of optimizer step `step`: codes [BATCH, K, L], labels [BATCH]."""
     g = torch.Generator().manual_seed(100 + step)
     return torch.randint(0, SUB, (BATCH, K, GRID * GRID), generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+
+
+def tiny_tokenizer():
+    torch.manual_seed(0)
+    tok = build_meditok(model_name="MedITok-Tiny", img_size=TOKENIZER_SIZE).train()
+    tok.logit_scale.requires_grad_(False)  # as the tokenizer trainer does (0-d: fully_shard cannot split it)
+    return tok
+
+
+def tokenizer_batch():
+    return torch.rand(4, 3, TOKENIZER_SIZE, TOKENIZER_SIZE, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def gan_weight(tok, x):
+    """The tokenizer trainer's adaptive GAN weight, with -mean(rec) standing in for the discriminator."""
+    rec = tok(x)["rec"]
+    return adaptive_gan_weight((rec - x).abs().mean(), -rec.mean(), last_decoder_layer(tok))
 
 
 def optimizer_for(model):
@@ -174,6 +196,14 @@ def _two_process_worker(rank, world_size, port, out):
         weights, ema_weights = full_state_dict(model), full_state_dict(ema)
         if rank == 0:
             torch.save({"model": weights, "ema": ema_weights}, out / "one_to_two_final.pt")
+        # The tokenizer trainer's adaptive GAN weight differentiates w.r.t. the output conv's weight,
+        # which under FSDP must be the gathered one (looked up after the forward).
+        tok = tiny_tokenizer()
+        wrap_model(tok, "fsdp", cpu, shard_units(tok), mesh=device_mesh("fsdp", cpu))
+        weights = [None] * world_size
+        dist.all_gather_object(weights, gan_weight(tok, tokenizer_batch()[rank * 2:][:2]).item())
+        if rank == 0:
+            torch.save(weights, out / "gan_weights.pt")
     finally:
         dist.destroy_process_group()
 
@@ -193,6 +223,10 @@ def test_fsdp_hsdp_equal_one_process_and_checkpoints_reshard(tmp_path):
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         for key in ("model", "ema"):
             assert_close(ref[key], got[key], 1e-5, f"{name} {key}")
+
+    tok = tiny_tokenizer()
+    expected = [gan_weight(tok, tokenizer_batch()[r * 2:][:2]).item() for r in range(2)]
+    assert torch.load(tmp_path / "gan_weights.pt") == pytest.approx(expected, rel=1e-5)
 
     # 2 -> 1: the FSDP run's step-2 checkpoint continued by one plain process.
     model, ema = tiny_gpt(), tiny_gpt()
@@ -275,3 +309,36 @@ def test_train_c2i_fsdp_killed_on_two_processes_resumes_on_one(tmp_path):
     assert "resumed from" in log and "step 4, epoch 1, step 1 of 3" in log
     for key in ("model", "ema"):
         assert_weights_equal(final_weights(tmp_path, "straight", key), final_weights(tmp_path, "resumed", key), 1e-4, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer trainer: scripts/train_tokenizer.py --data-parallel fsdp
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_tokenizer_fsdp_stops_on_two_processes_and_finishes_on_one(data, tmp_path):
+    """MedITok-Tiny with EMA and the GAN loss from step 0: 2 FSDP processes stop at step 2 (a sharded
+    checkpoint), 1 process continues the same folder to step 4; its tokenizer.pt must equal that of
+    1 process running the 4 steps straight."""
+    # A fixed GAN weight: the adaptive one is computed per process from its share of the batch, so no
+    # data-parallel run (ddp either) equals one process with it.
+    extra = ["--max-steps", "4", "--ema-decay", "0.9", "--disc-weight", "0.1", "--disc-start", "0", "--disc-layers", "1",
+             "--no-disc-adaptive", "--eval-every", "2"]
+    run_tokenizer(data, tmp_path / "straight", *extra)
+    argv = ["--train-data", str(data), "--out-dir", str(tmp_path / "split"), "--config", "MedITok-Tiny",
+            "--image-size", str(TOKENIZER_SIZE), "--batch-size", "4", "--warmup-steps", "2", "--log-every", "1",
+            "--no-progress", "--no-tensorboard", *extra, "--stop-at-step", "2", "--data-parallel", "fsdp"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "scripts.train_tokenizer", *argv]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = tmp_path / "split" / "checkpoints"
+    assert [s for s, _ in sharded_checkpoints(ckpts, "step_")] == [2]
+    assert "world_size=2" in (tmp_path / "split" / "log.txt").read_text()
+
+    run_tokenizer(data, tmp_path / "split", *extra, "--data-parallel", "fsdp")  # 1 process resumes the folder
+    assert "resuming from" in (tmp_path / "split" / "log.txt").read_text()
+    a = load_checkpoint(tmp_path / "straight" / "tokenizer.pt")
+    b = load_checkpoint(tmp_path / "split" / "tokenizer.pt")
+    assert a["step"] == b["step"] == 4
+    for key in ("model", "ema"):
+        assert_weights_equal(a[key], b[key], 1e-4, f"tokenizer {key}")
