@@ -41,8 +41,11 @@ _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
 
 def tokenizer_sha256(path: str | os.PathLike) -> str:
-    """sha256 (hex) of a weights file, read in 1 MiB blocks; cached per (path, size, mtime) in this process."""
-    path = Path(path).resolve()
+    """sha256 (hex) of a weights file, read in 1 MiB blocks; cached per (path, size, mtime) in this process.
+    An hf:// reference is hashed as its file in the Hugging Face cache."""
+    from models.checkpoint import is_hub_reference, resolve_weights  # the one resolver of weights paths
+
+    path = Path(resolve_weights(path) if is_hub_reference(path) else path).resolve()
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:

@@ -95,3 +95,30 @@ def test_local_paths_are_untouched_and_missing_ones_are_clear(tmp_path):
     assert resolve_weights(f) == f and torch.equal(load_checkpoint(str(f))["a"], torch.ones(1))
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         resolve_weights(tmp_path / "nope.pt")
+
+
+def test_sampler_with_hf_references_writes_the_same_images_as_with_local_files(hub_cache, tmp_path, one_thread):
+    """sample_c2i end to end (--gpt-ckpt / --vq-ckpt as hf://), and the tokenizer hash of the manifest check."""
+    import numpy as np
+
+    from datasets.manifest import build_manifest, check_tokenizer
+    from evaluation.generation import sample_c2i
+
+    torch.manual_seed(0)
+    vq = build_meditok(model_name="MedITok-Tiny", img_size=32)
+    save_meditok(vq, tmp_path / "vq.pt")
+    gpt = GPT_models["GPT-Tiny"](vocab_size=vq.codebook_size * vq.num_codebooks, num_codebooks=vq.num_codebooks,
+                                 num_classes=2, block_size=vq.grid_size ** 2).eval()
+    atomic_save({"config": asdict(gpt.config), "model": gpt.state_dict(), "gpt_model": "GPT-Tiny"}, tmp_path / "gpt.pt")
+    hub_cache(tmp_path / "vq.pt", "vq.pt")
+    hub_cache(tmp_path / "gpt.pt", "c2i/gpt.pt")
+    runs = []
+    for gpt_path, vq_path in ((tmp_path / "gpt.pt", tmp_path / "vq.pt"), (f"hf://{REPO}/c2i/gpt.pt", f"hf://{REPO}/vq.pt")):
+        argv = ["--gpt-ckpt", gpt_path, "--vq-ckpt", vq_path, "--sample-dir", tmp_path / "samples",
+                "--num-per-class", "1", "--cfg-scale", "1.5", "--no-prepack"]
+        runs.append(sample_c2i.main(sample_c2i.get_parser().parse_args([str(a) for a in argv])))
+    with np.load(runs[0] / "samples.npz") as a, np.load(runs[1] / "samples.npz") as b:
+        assert runs[0] != runs[1] and np.array_equal(a["samples"], b["samples"])
+    manifest = build_manifest(vq.config, f"hf://{REPO}/vq.pt", image_size=32, infer_type="code")
+    assert manifest["tokenizer"]["path"] == f"hf://{REPO}/vq.pt"
+    assert check_tokenizer(manifest, tmp_path / "vq.pt") is None  # the same bytes as the local file

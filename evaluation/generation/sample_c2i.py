@@ -49,7 +49,7 @@ from datasets.code_dataset import find_code_metadata, load_codes
 from datasets.files import atomic_savez, to_uint8, write_png
 from datasets.manifest import check_tokenizer, read_manifest
 from datasets.metadata import parse_label, read_metadata, write_metadata
-from models.checkpoint import is_state_dict, load_checkpoint
+from models.checkpoint import is_hub_reference, is_state_dict, load_checkpoint, resolve_weights
 from models.distributed import barrier, is_dist, setup_distributed
 from models.generate import CFG_SCHEDULES, generate
 from models.gpt import GPT_SIZES, GPT_models, VQTokenEmbedder, load_gpt, load_vq_embedding
@@ -109,7 +109,7 @@ def sample_labels(args, num_classes: int):
 
 
 def _file_id(path) -> list:
-    p = Path(path).resolve()
+    p = (resolve_weights(path) if is_hub_reference(path) else Path(path)).resolve()  # hf://: the cached file
     st = p.stat()
     return [str(p), st.st_size, st.st_mtime_ns]
 
