@@ -17,6 +17,7 @@ stop (off by default): it saves and stops without changing the schedule, and a r
 OUT_DIR receives
     tokenizer.pt                the final self-describing checkpoint (save_meditok: config, img_size, weights,
                                 EMA weights under "ema"); `batch_infer.py --pretrained_path OUT_DIR/tokenizer.pt`
+    model.safetensors           the same model's weights only (EMA when trained with it) + config, no pickle
     checkpoints/step_NNNNNNN.pt full training state (weights, EMA, optimizers, schedule, step, data order, every
                                 rank's RNG), written atomically every --ckpt-every steps; a rerun with the same
                                 OUT_DIR resumes from the newest readable one exactly where it stopped
@@ -48,11 +49,13 @@ from evaluation.metrics import psnr, ssim
 from models.checkpoint import load_checkpoint, load_state_dict_strict, state_dict_to_cpu
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from models.export import export as export_safetensors
 from models.meditok import MEDITOK_CONFIGS, MedITok, MedITokConfig, build_meditok, save_meditok
 from models.meditok_blocks import InvMbConvBlock
 from models.parallel import (DATA_PARALLEL, TRAIN_STATE, device_mesh, full_state_dict, gathered, is_sharded,
                              load_full_optimizer_state, load_full_state_dict, load_sharded, prune_sharded, save_sharded,
                              sharded_checkpoints, wrap_model)
+from models.tracking import Tracker, add_tracking_args
 from models.training import (LRSchedule, StepBatchSampler, autocast_context, data_position, ema_decay_at,
                              gather_rng_states, load_newest_checkpoint, numbered_checkpoints, prune_checkpoints,
                              restore_rng_states, seed_process, set_lr, update_ema)
@@ -486,10 +489,8 @@ class TrainLog:
     def __init__(self, args, out_dir: Path, rank: int, logger, step: int, stop_at: int):
         self.args, self.logger = args, logger
         self.writer = None
-        if rank == 0 and not args.no_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out_dir / "tb"))
+        if rank == 0 and (not args.no_tensorboard or args.wandb):  # tensorboard and/or wandb (models/tracking.py)
+            self.writer = Tracker(out_dir / "tb", args, tensorboard=not args.no_tensorboard)
         self.bar = tqdm(total=stop_at, initial=step, disable=rank != 0 or args.no_progress, desc="train")
         self.t0, self.step0 = time.time(), step  # the speed of this process
 
@@ -622,7 +623,9 @@ def main(args):
         if ema_weights is not None:
             extra["ema"] = ema_weights  # build_meditok prefers these weights
         save_meditok(parts.raw, out_dir / "tokenizer.pt", extra)
-        logger.info(f"wrote {out_dir / 'tokenizer.pt'} after {step} steps")
+        # weights only (the EMA when there is one) + config: python -m models.export
+        export_safetensors(out_dir / "tokenizer.pt", out_dir / "model.safetensors", ema=ema_weights is not None)
+        logger.info(f"wrote {out_dir / 'tokenizer.pt'} and model.safetensors after {step} steps")
     log.close()
     if is_dist():
         dist.barrier()
@@ -709,6 +712,7 @@ def get_parser() -> argparse.ArgumentParser:
     logs.add_argument("--keep-last", type=int, default=2,
                       help="keep only the newest N training checkpoints in OUT_DIR/checkpoints (0: all)")
     logs.add_argument("--no-tensorboard", action="store_true", help="do not write tensorboard logs")
+    add_tracking_args(logs)
     logs.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
