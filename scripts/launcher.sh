@@ -20,10 +20,11 @@
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CALLER_DIR="${CALLER_DIR:-$(pwd)}"
 
-# abspath VALUE: VALUE made absolute against CALLER_DIR ("" stays "", absolute paths stay as they are).
+# abspath VALUE: VALUE made absolute against CALLER_DIR ("" stays "", absolute paths and Hugging Face Hub
+# references hf://... stay as they are).
 abspath() {
     case "$1" in
-        "" | /*) printf '%s\n' "$1" ;;
+        "" | /* | hf://* | https://huggingface.co/*) printf '%s\n' "$1" ;;
         "~"/*) printf '%s\n' "$HOME/${1#"~/"}" ;;
         *) printf '%s\n' "$CALLER_DIR/$1" ;;
     esac

@@ -137,6 +137,12 @@ def test_relative_paths_land_in_the_callers_folder(tree, fake_env, tmp_path):
         base, TRAIN_DATA="d/m.csv", OUT_DIR="o", INIT_CKPT="w.pth")))
     assert [flag(cmd, f) for f in ("--train-data", "--out-dir", "--init-ckpt")] == [
         f"{caller}/d/m.csv", f"{caller}/o", f"{caller}/w.pth"]
+    # Hub references are not paths: passed on as given
+    hub = "hf://massaki75/meditok/meditok_simple_v1.pth"
+    cmd = command_of(run_wrapper(WRAPPERS["sample_c2i"][0], tree, caller, dict(
+        base, GPT_PATH="hf://massaki75/meditok/llamagen_meditok/meditok_c2i_gptb.pt", VQ_PATH=hub)))
+    assert (flag(cmd, "--gpt-ckpt"), flag(cmd, "--vq-ckpt")) == (
+        "hf://massaki75/meditok/llamagen_meditok/meditok_c2i_gptb.pt", hub)
 
 
 def test_flags_only_when_set_and_process_settings(tree, fake_env, tmp_path):
