@@ -734,7 +734,8 @@ def load_vq_embedding(path) -> tuple[dict, dict]:
 
 
 def load_gpt(path, prefer_ema: bool = True, **overrides):
-    """Load a GPT checkpoint strictly -> (model in eval mode, raw checkpoint dict).
+    """Load a GPT checkpoint strictly -> (model in eval mode, raw checkpoint dict). `path`: a file
+    (.pt, or .safetensors from `python -m models.export`) or an hf://<org>/<repo>/<file> reference.
 
     Our checkpoints hold {"config": asdict(ModelArgs), "model": ..., "ema": ... (optional)};
     with prefer_ema the EMA weights are used when present. The released MedITok GPT-B holds its

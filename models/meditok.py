@@ -324,6 +324,8 @@ def build_meditok(ckpt_path: str | os.PathLike | None = None, img_size: int | No
     """Build a MedITok, optionally loading weights strictly from `ckpt_path`.
 
     Without a path: the registered `model_name` (default MedITok-L) with random weights.
+    `ckpt_path`: a file (.pth/.pt, or .safetensors read without pickle) or an hf://<org>/<repo>/<file>
+    reference (models.checkpoint.resolve_weights).
     With a path: the config stored in the checkpoint (ours), else `model_name`'s config, else one
     inferred from the shapes (the released plain state dict); weights under "ema" are preferred over
     "model"/"state_dict" unless `prefer_ema=False`. The model is built on the meta device and the
