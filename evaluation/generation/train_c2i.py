@@ -4,10 +4,12 @@
         --code-dir codes/metadata.jsonl --exp-name my_run --gpt-model GPT-B --num-classes 6
 
 Reads the code metadata written by batch_infer.py (train rows for training, val/test rows for the
-validation loss), derives the grid and codebook count from the data, and writes self-describing
-checkpoints to RESULTS_DIR/EXP_NAME/checkpoints/: NNNNNNN.pt every --ckpt-every steps and latest.pt
-at the end. A checkpoint holds the model config, weights, EMA, optimizer, scheduler, step, data
-position and every rank's RNG state, so `--gpt-ckpt` (or `--auto-resume`) continues a run exactly,
+validation loss). The vocabulary, codebook count and grid come from the tokenization manifest beside the
+codes (tokenizer.json; a flag that contradicts it, or a --vq-ckpt with other weights, is an error), else
+from the data and --vq-ckpt. Writes self-describing checkpoints to RESULTS_DIR/EXP_NAME/checkpoints/:
+NNNNNNN.pt every --ckpt-every steps (the newest --keep-last kept) and latest.pt at the end. A checkpoint
+holds the model config, weights, EMA, optimizer, scheduler, step, data position and every rank's RNG
+state, so `--gpt-ckpt` (or `--auto-resume`, which skips a truncated newest file) continues a run exactly,
 mid-epoch included. Without torchrun (`python -m evaluation.generation.train_c2i ...`) it runs in one process.
 """
 from __future__ import annotations
