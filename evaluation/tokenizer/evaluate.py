@@ -80,6 +80,12 @@ def evaluate_tokenizer(meta, tokenizer, split: str | None = "val", dataset_dir=N
     """
     meta = Path(meta)
     read_options, manifest = manifest_read_options(codes, meta)
+    if manifest is not None:
+        pre = manifest["preprocessing"]
+        if (pre["model_input_min"], pre["model_input_max"]) != (-1.0, 1.0):
+            raise ValueError(f"{manifest['_path']}: the codes were made with model inputs in "
+                             f"[{pre['model_input_min']}, {pre['model_input_max']}]; this evaluation feeds the "
+                             f"tokenizer [-1, 1] images")
     all_rows = read_metadata(meta)
     rows = filter_split(all_rows, split)[:max_images]
     if not rows:
@@ -148,7 +154,9 @@ def markdown_of(result: dict) -> str:
         f"{result['num_images']} images (split `{result['split']}` of `{result['meta']}`) at {result['img_size']} px.", "",
         f"- PSNR: **{fmt(result['recon_psnr_db'], '.2f')} dB**",
         f"- SSIM: **{fmt(result['recon_ssim'], '.4f')}**",
-        f"- rFID ({result['feature_space'] or 'no feature space'}): **{fmt(result['rfid'])}**", "",
+        f"- rFID ({result['feature_space'] or 'no feature space'}): **{fmt(result['rfid'])}**",
+        f"- images read with the preprocessing of `{result['manifest']}`: {result['real_preprocessing']}"
+        if result.get("manifest") else "- images read with the reader's defaults (no tokenization manifest)", "",
         "| class | images | PSNR (dB) | SSIM | rFID |", "|---|---:|---:|---:|---:|",
     ]
     for name, c in result["per_class"].items():
