@@ -179,3 +179,15 @@ def test_released_trainer_flags_parse():
         "--global-batch-size", "128", "--vocab-size", "32768", "--results-dir", "r", "--vq-embed-path", "v.pth",
         "--no-compile", "--ema", "--mixed-precision", "bf16", "--downsample-size", "16", "--global-seed", "0"])
     assert (a.vq_embed_path, a.no_compile, a.ema, a.global_batch_size) == ("v.pth", True, True, 128)
+
+
+@pytest.mark.parametrize("flags, reason", [
+    (["--gpt_type", "t2i"], "sample_t2i.py"),
+    (["--image_size_eval", "256"], "never uses it"),
+])
+def test_released_flags_we_cannot_honour_are_refused_with_the_reason(flags, reason):
+    from evaluation.generation import sample_c2i
+
+    args = sample_c2i.get_parser().parse_args(["--gpt_ckpt", "g.pt", "--vq_ckpt", "v.pth", *flags])
+    with pytest.raises(ValueError, match=reason):
+        sample_c2i.main(args)

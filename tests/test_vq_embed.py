@@ -191,3 +191,27 @@ def test_vq_embed_path_on_a_plain_gpt_is_an_error(tokenizer, tmp_path):
         sample_c2i.main(sample_c2i.get_parser().parse_args([
             "--gpt-ckpt", str(tmp_path / "plain.pt"), "--vq-ckpt", str(path), "--vq-embed-path", str(path),
             "--num-per-class", "1", "--sample-dir", str(tmp_path / "s")]))
+
+
+def test_embedding_tokenizer_must_be_the_one_that_made_the_codes(tokenizer, tmp_path):
+    """Codes whose manifest names tokenizer A, --vq-embed-path tokenizer B (same shapes, other weights):
+    train_c2i refuses, naming both files."""
+    from datasets.manifest import build_manifest, write_manifest
+
+    vq, path = tokenizer
+    other = tmp_path / "other_tok.pt"
+    torch.manual_seed(5)
+    save_meditok(build_meditok(model_name="MedITok-Tiny", img_size=64), other)
+    codes = tmp_path / "codes"
+    codes.mkdir()
+    rows = []
+    for i in range(4):
+        torch.save(torch.zeros(vq.num_codebooks, vq.grid_size, vq.grid_size, dtype=torch.long), codes / f"{i}.pt")
+        rows.append({"identifier": f"{i}.png", "code_identifier": f"{i}.pt", "label": i % CLASSES, "split": "train"})
+    write_metadata(rows, codes / "metadata.jsonl")
+    write_manifest(codes, build_manifest(vq.config, path, image_size=64, infer_type="code"))
+    argv = ["--code-dir", str(codes), "--results-dir", str(tmp_path), "--exp-name", "x", "--gpt-model", "GPT-Tiny",
+            "--num-classes", str(CLASSES), "--global-batch-size", "2", "--max-steps", "1", "--no-compile",
+            "--no-tensorboard", "--vq-embed-path", str(other)]
+    with pytest.raises(ValueError, match=r"other_tok\.pt.*tok\.pt"):
+        train_c2i.main(train_c2i.get_parser().parse_args(argv))

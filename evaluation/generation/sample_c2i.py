@@ -257,6 +257,9 @@ def load_models(args, device):
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()  # scoped, not torch.set_grad_enabled(False): main() is also called in-process by tests
 def main(args):
+    if args.gpt_type != "c2i":
+        raise ValueError(f"--gpt-type {args.gpt_type}: this sampler is class-to-image; text-to-image sampling is "
+                         f"evaluation/generation/sample_t2i.py")
     if args.image_size_eval is not None:
         raise ValueError("--image-size-eval: the released sampler parses it but never uses it; the samples "
                          "come out at --image-size (the tokenizer's input size) or --output-size")
@@ -354,8 +357,8 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpt-ckpt", type=str, required=True, help="GPT checkpoint: ours (config inside) or the released GPT-B")
     g.add_argument("--gpt-model", type=str, choices=list(GPT_models), default=None,
                    help="GPT size; checked against our checkpoints, gives n_head for checkpoints without a config")
-    g.add_argument("--gpt-type", type=str, choices=["c2i"], default="c2i",
-                   help="conditioning type: class-to-image here (text-to-image: sample_t2i.py)")
+    g.add_argument("--gpt-type", type=str, choices=["c2i", "t2i"], default="c2i",
+                   help="conditioning type: class-to-image here (t2i is refused: use sample_t2i.py)")
     g.add_argument("--from-fsdp", action="store_true",
                    help="the checkpoint is a plain state dict (checked; plain state dicts are also found without it)")
     g.add_argument("--no-ema", action="store_true", help="use the trained weights even when the checkpoint has EMA weights")

@@ -113,6 +113,8 @@ def code_settings(args, meta_path: Path, logger, device) -> tuple[dict | None, d
         made_by = manifest["tokenizer"]["path"]
         if args.vq_ckpt is not None:
             check_tokenizer(manifest, args.vq_ckpt, allow_mismatch=args.allow_tokenizer_mismatch)
+        if getattr(args, "vq_embed_path", None):  # the tokenizer that embeds the codes must be the one that made them
+            check_tokenizer(manifest, args.vq_embed_path, allow_mismatch=args.allow_tokenizer_mismatch)
         elif manifest.get("infer_type") == "latent" and Path(made_by).is_file():
             check_tokenizer(manifest, made_by)  # latents need the tokenizer: the one recorded, if unchanged
             args.vq_ckpt = made_by
