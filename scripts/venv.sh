@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Source this file: creates .venv at the repo root (once) from requirements.txt and activates it.
+# Sourced by scripts/launcher.sh only when no environment with torch is found: creates .venv at the repo root
+# (once) from requirements.txt and activates it.
 # Idempotent: a stamp holding the hash of requirements.txt skips pip when nothing changed.
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO_ROOT/.venv"
