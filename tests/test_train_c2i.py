@@ -210,6 +210,12 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
     assert all(torch.allclose(a[i]["exp_avg_sq"], b[i]["exp_avg_sq"], atol=1e-9) for i in a)
 
 
+def test_max_steps_is_the_amount_of_work(tmp_path):
+    meta = make_codes(tmp_path)  # 24 train rows, batch 8: 3 steps per epoch
+    assert train(base_args(meta, tmp_path, "long", "--epochs", "1", "--max-steps", "5", dropout=False))["steps"] == 5
+    assert load_checkpoint(tmp_path / "long" / "checkpoints" / "latest.pt")["scheduler"]["total_steps"] == 5
+
+
 def test_auto_resume_and_weights_only_start(tmp_path):
     meta = make_codes(tmp_path)
     train(base_args(meta, tmp_path, "run", "--max-steps", "2", dropout=False))

@@ -210,6 +210,25 @@ def test_checkpoint_loads_in_batch_infer(data, tmp_path):
             expected = model.img_to_idx(ds[i]["image"][None])[0].view_as(codes)
         assert torch.equal(codes, expected)
 
+    # The GPT trainer takes the vocabulary from the manifest batch_infer wrote (no --vocab-size), and
+    # refuses a tokenizer other than the one that made the codes, naming both files.
+    from evaluation.generation import train_c2i
+    from models.meditok import save_meditok
+
+    def train_gpt(exp, *extra):
+        argv = ["--code-dir", str(out), "--results-dir", str(tmp_path / "gpt"), "--exp-name", exp, "--gpt-model",
+                "GPT-Tiny", "--num-classes", "2", "--global-batch-size", "4", "--max-steps", "1", "--no-compile",
+                "--no-tensorboard", *map(str, extra)]
+        train_c2i.main(train_c2i.get_parser().parse_args(argv))
+        return load_checkpoint(tmp_path / "gpt" / exp / "checkpoints" / "latest.pt")["config"]
+
+    config = train_gpt("gpt", "--vq-ckpt", ckpt)
+    assert config["vocab_size"] == model.codebook_size * model.num_codebooks != 32768
+    assert config["num_codebooks"] == model.num_codebooks
+    save_meditok(build_meditok(model_name="MedITok-Tiny", img_size=SIZE), tmp_path / "other_tokenizer.pt")
+    with pytest.raises(ValueError, match=r"other_tokenizer\.pt.*out/tokenizer\.pt"):
+        train_gpt("wrong", "--vq-ckpt", tmp_path / "other_tokenizer.pt")
+
 
 def test_grad_checkpointing_keeps_keys_and_gradients():
     torch.manual_seed(0)

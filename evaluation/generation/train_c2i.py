@@ -289,9 +289,8 @@ def main(args, load=load_data):
     loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_batch, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.global_seed))
     steps_per_epoch = sampler.steps_per_epoch
-    total_steps = args.epochs * steps_per_epoch
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    # The amount of work (and the schedule's length): --max-steps when given, else --epochs.
+    total_steps = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else (
         0 if args.schedule == "constant" else int(0.03 * total_steps))
     schedule = LRSchedule(args.lr, total_steps, warmup_steps, args.schedule, args.end_lr)
@@ -520,8 +519,9 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path-rate", type=float, default=0.0, help="stochastic depth rate")
 
     g = parser.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=300, help="epochs over the train rows")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps (also shortens the schedule)")
+    g.add_argument("--epochs", type=int, default=300, help="epochs over the train rows (unless --max-steps)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="optimizer steps of the run and length of its schedule (default: from --epochs)")
     g.add_argument("--global-batch-size", type=int, default=256, help="images per optimizer step over all processes")
     g.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per optimizer step and process")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
