@@ -303,3 +303,25 @@ def test_reference_batch_and_samples_npz_have_the_adm_layout(tmp_path):
     with np.load(tmp_path / "run" / "samples.npz") as data:
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (3, SIZE, SIZE, 3)
         assert np.array_equal(data["arr_0"][2], np.asarray(Image.open(paths[2])))
+
+
+def test_tokenizer_report_psnr_is_absolute(tmp_path):
+    """The evaluator's headline PSNR equals 10 log10(range^2 / MSE) for a known reconstruction: a stand-in
+    tokenizer that returns 0.9 x (inside [-1, 1]) has MSE = 0.01 mean(x^2) per image, range 2."""
+    from evaluation.features import image_loader, manifest_read_options
+
+    class Shrink(torch.nn.Module):
+        img_size = SIZE
+
+        def img_to_reconstructed_img(self, x):
+            return 0.9 * x
+
+    codes, _ = _ct_codes_folder(tmp_path)
+    meta = codes / "metadata.jsonl"
+    result = evaluate_tokenizer(meta, Shrink(), split="val", feature_space=None)
+    options, _ = manifest_read_options(None, meta)
+    x = torch.cat([b["image"] for b in image_loader(filter_split(read_metadata(meta), "val"), meta, image_size=SIZE,
+                                                    **options)])
+    mse = (0.01 * x.double() ** 2).flatten(1).mean(1)
+    expected = (10 * torch.log10(2.0 ** 2 / mse)).mean().item()
+    assert result["recon_psnr_db"] == pytest.approx(expected, abs=1e-4)
