@@ -306,7 +306,24 @@ def test_vocabulary_from_the_manifest_and_wrong_tokenizer_refused(tmp_path):
         run("wrong_vq", "--vq-ckpt", other)
     with pytest.warns(UserWarning, match="other_tokenizer"):
         assert run("override", "--vq-ckpt", other, "--allow-tokenizer-mismatch")["steps"] == 1
+    # Latents (--infer_type latent) need the tokenizer: without --vq-ckpt, the one the manifest records.
+    from datasets.manifest import build_manifest, write_manifest
+
+    latents = tmp_path / "latents"
+    latents.mkdir()
+    with torch.no_grad():
+        z = tiny.encode_image_vq(torch.rand(6, tiny.in_chans, 32, 32) * 2 - 1)  # [6, L, vocab_width]
+    g = tiny.config.grid_size(32)
+    for i in range(6):
+        torch.save(z[i].T.reshape(-1, g, g).clone(), latents / f"{i}.pt")
+    write_metadata([{"identifier": f"{i}.png", "code_identifier": f"{i}.pt", "label": i % 2} for i in range(6)],
+                   latents / "metadata.csv")
+    write_manifest(latents, build_manifest(tiny.config, made, image_size=32, infer_type="latent"))
+    codes = latents
+    assert run("latents")["config"]["vocab_size"] == expected_vocab
+
     # Codes from a batch_infer without manifests: the vocabulary of --vq-ckpt, else the released default.
+    codes = tmp_path / "codes"
     (codes / "tokenizer.json").unlink()
     assert run("from_vq", "--vq-ckpt", made)["config"]["vocab_size"] == expected_vocab
     assert run("released_default")["config"]["vocab_size"] == 32768
