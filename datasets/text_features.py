@@ -24,7 +24,6 @@ The built-in word-level encoder (`models/text_encoder.py`) needs none of this.
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
 import os
@@ -149,7 +148,7 @@ class CaptionFeatures:
         self.folder = Path(folder)
         self.manifest = read_feature_manifest(self.folder)
         self.dim, self.max_length = int(self.manifest["dim"]), int(self.manifest["max_length"])
-        self._load = functools.lru_cache(maxsize=cache_size)(self._read)
+        self.cache_size, self._cache = cache_size, {}  # a plain dict: picklable for loader workers
 
     def _read(self, text: str) -> torch.Tensor:
         path = self.folder / feature_relpath(text)
@@ -167,6 +166,13 @@ class CaptionFeatures:
         if missing:
             raise TextFeatureError(f"{self.folder}: {len(missing)} captions have no features, e.g. {missing[0]!r}; "
                                    f"rerun datasets.text_features on this metadata")
+
+    def _load(self, text: str) -> torch.Tensor:
+        if text not in self._cache:
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()
+            self._cache[text] = self._read(text)
+        return self._cache[text]
 
     def __call__(self, texts: Sequence[str]) -> list[torch.Tensor]:
         return [self._load(t) for t in texts]

@@ -11,6 +11,9 @@
 # (delete OUT/stages/<NN>_<stage>.seconds, or the whole OUT, to redo one). Every setting below can be
 # overridden from the environment, e.g. `GPT_STEPS=300 bash scripts/quickstart.sh`.
 set -Eeuo pipefail  # -E: the ERR trap below also fires inside the stage function
+# `bash scripts/quickstart.sh t2i`: the text-to-image stages (scripts/quickstart_t2i.sh) instead of the GPT ones.
+QUICKSTART_MODE=${1:-c2i}
+case "$QUICKSTART_MODE" in c2i | t2i) ;; *) echo "usage: bash scripts/quickstart.sh [c2i|t2i]" >&2; exit 2 ;; esac
 # The Python: an active environment with torch, else the repository's .venv (see scripts/launcher.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/launcher.sh"
 launcher_python
@@ -110,6 +113,7 @@ vocab_size() {
     python -c 'import sys; from models.meditok import build_meditok; print(build_meditok(sys.argv[1]).vocab_size)' "$1"
 }
 
+if [ "$QUICKSTART_MODE" = c2i ]; then
 CURRENT_STAGE=4_gpt
 [ -f "$STAGE_DIR/4_gpt.seconds" ] || VOCAB_SIZE=$(vocab_size "$TOKENIZER_DIR/tokenizer.pt")
 stage 4_gpt "train $GPT_MODEL on the codes for $GPT_STEPS steps" \
@@ -124,11 +128,17 @@ stage 5_sample "generate $SAMPLES_PER_CLASS images per class (cfg $CFG_SCALE, te
         VQ_PATH="$TOKENIZER_DIR/tokenizer.pt" NUM_PER_CLASS="$SAMPLES_PER_CLASS" NUM_CLASSES="$NUM_CLASSES" \
         GPT_MODEL="$GPT_MODEL" CFG_SCALE="$CFG_SCALE" NPROC_PER_NODE=1 EXTRA_ARGS="--temperature $TEMPERATURE $SAMPLE_EXTRA_ARGS" \
     bash evaluation/generation/scripts/sample_c2i.sh
+fi
 
 stage 6_classifier "train the evaluation classifier on the real train images" \
     python -m evaluation.train_classifier --meta "$DATA_DIR/metadata.csv" --image_size "$IMAGE_SIZE" \
         --epochs "$CLASSIFIER_EPOCHS" --seed "$SEED" --num_workers "$NUM_WORKERS" --classifier_ckpt "$EVAL_DIR/classifier.pt" \
         $CLASSIFIER_EXTRA_ARGS
+
+if [ "$QUICKSTART_MODE" = t2i ]; then
+    source scripts/quickstart_t2i.sh
+    exit 0
+fi
 
 stage 7_eval_tokenizer "reconstruction PSNR/SSIM of the tokenizer on the val images" \
     python -m evaluation.tokenizer.evaluate --meta "$DATA_DIR/metadata.csv" --tokenizer_ckpt "$TOKENIZER_DIR/tokenizer.pt" \

@@ -9,7 +9,9 @@ level in words, e.g. "T1-weighted brain MRI, axial slice, upper third"; echocard
 "echocardiography frame". The level of a brain slice is its position in its class's ordered slices, in
 [0, 1]: inferior -> superior (axial), posterior -> anterior (coronal); for sagittal slices the distance from
 the midline (the MNI152 template is left-right symmetric, so the side cannot be seen). Thirds of it name
-the level.
+the level. One caption is held out of training (--heldout_caption, by default the axial middle third: its
+training rows get the split "heldout_caption", which the GPT does not train on), so its words are only
+seen in other combinations ("middle third" with coronal slices, "axial" with other levels).
 
 The report measures prompt-following on the samples of every caption:
   t2i_orientation_accuracy   the quickstart classifier's class (3 orientations + echo) vs the prompt's
@@ -18,6 +20,7 @@ The report measures prompt-following on the samples of every caption:
   t2i_level_mae_shuffled     the same with the prompts' levels shuffled among samples of the same
                              orientation (mean over 20 permutations): the no-prompt-following baseline
   real_val_level_mae         the same measure on the held-out real images (the measure's own error)
+  heldout                    the same numbers for the held-out caption's samples alone
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ from datasets.code_dataset import find_code_metadata
 from datasets.files import atomic_write_text
 from datasets.metadata import read_metadata, resolve_path, write_metadata
 from evaluation.features import ClassifierFeatures, from_uint8, load_images
+from scripts.cli import ArgumentParser
 
 BRAIN = {  # label_name -> (orientation words, level words for the three thirds of the level)
     "brain_mri_axial": ("axial slice", ("lower third", "middle third", "upper third")),
@@ -42,6 +46,8 @@ BRAIN = {  # label_name -> (orientation words, level words for the three thirds 
     "brain_mri_sagittal": ("sagittal slice", ("near the midline", "intermediate", "lateral")),
 }
 ECHO = "echocardiography frame"
+HELDOUT = "T1-weighted brain MRI, axial slice, middle third"
+HELDOUT_SPLIT = "heldout_caption"
 NN_SIZE = 32
 
 
@@ -99,12 +105,18 @@ def captions(args) -> None:
         r["code_identifier"] = str(resolve_path(r["code_identifier"], r, code_meta).resolve())
         r["level"] = None if level is None else round(level, 4)
         r["text"] = caption(r["label_name"], level)
+        if r["text"] == args.heldout_caption and r.get("split") == "train":
+            r["split"] = HELDOUT_SPLIT
     out = Path(args.out)
     write_metadata(rows, out / "codes.csv")
     names = {int(r["label"]): r["label_name"] for r in rows}
     prompts = all_prompts(names)
+    for p in prompts:
+        p["heldout"] = p["text"] == args.heldout_caption
     atomic_write_text("".join(p["text"] + "\n" for p in prompts), out / "prompts.txt")
     atomic_write_text("".join(json.dumps(p) + "\n" for p in prompts), out / "prompts.jsonl")
+    held = sum(r.get("split") == HELDOUT_SPLIT for r in rows)
+    print(f"[quickstart_t2i] held out of GPT training: {args.heldout_caption!r} ({held} training rows)")
     seen = {(r["text"], r.get("split")) for r in rows}
     print(f"[quickstart_t2i] {len(rows)} captioned rows ({len({r['text'] for r in rows})} distinct captions) in "
           f"{out / 'codes.csv'}; {len(prompts)} prompts in {out / 'prompts.txt'}; captions of val rows: "
@@ -184,6 +196,13 @@ def report(args) -> None:
             per_prompt[text] = {"samples": int(len(idx)), "orientation_accuracy": float((preds[idx] == labels[idx]).mean())}
             if prompts[text]["level"] is not None:
                 per_prompt[text]["level_mae"] = float(err_all[idx].mean())
+    held = np.array([bool(prompts[t].get("heldout")) for t in texts])
+    heldout = {}
+    if held.any():
+        hb = held[brain]
+        heldout = {"captions": sorted({t for t, h in zip(texts, held) if h}), "samples": int(held.sum()),
+                   "orientation_accuracy": float((preds[held] == labels[held]).mean()),
+                   "level_mae": float(err[hb].mean()) if hb.any() else None}
     stages = {p.stem: float(p.read_text()) for p in Path(args.stage_dir).glob("t2i_*.seconds")}
     result = {
         "t2i_orientation_accuracy": float((preds == labels).mean()),
@@ -192,6 +211,7 @@ def report(args) -> None:
         "real_val_level_mae": float(val_err.mean()),
         "samples": int(len(texts)),
         "brain_samples": int(brain.sum()),
+        "heldout": heldout,
         "per_prompt": per_prompt,
         "t2i_stage_seconds": stages,
         "t2i_total_seconds": round(sum(stages.values()), 1),
@@ -211,11 +231,12 @@ def report(args) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("captions", help="caption the demo code metadata; write the prompts")
     c.add_argument("--codes", required=True, help="the quickstart's code metadata (or its folder)")
     c.add_argument("--out", required=True, help="folder for codes.csv, prompts.txt, prompts.jsonl")
+    c.add_argument("--heldout_caption", default=HELDOUT, help="caption whose training rows the GPT does not see ('' for none)")
     r = sub.add_parser("report", help="prompt-following metrics of the samples -> T2I_DIR/report.json")
     r.add_argument("--data_meta", required=True, help="the demo's metadata.csv (real images)")
     r.add_argument("--t2i_dir", required=True, help="folder holding prompts.jsonl; report.json and grid.png go there")

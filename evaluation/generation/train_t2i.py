@@ -33,7 +33,10 @@ def resumed_text_settings(args, logger) -> tuple[list | None, int | None]:
     if args.gpt_ckpt is not None:
         ckpt = load_checkpoint(args.gpt_ckpt)
     elif args.auto_resume:
-        _, ckpt = train_c2i.find_resume_checkpoint(Path(args.results_dir) / args.exp_name / "checkpoints", logger)
+        checkpoint_dir = Path(args.results_dir) / args.exp_name / "checkpoints"
+        _, ckpt = train_c2i.find_resume_checkpoint(checkpoint_dir, logger)
+        if ckpt is None and (checkpoint_dir / "latest.pt").is_file():  # a sharded run's state: its latest.pt has the args
+            ckpt = load_checkpoint(checkpoint_dir / "latest.pt")
     if not isinstance(ckpt, dict):
         return None, None
     return ckpt.get("args", {}).get("text_vocab"), (ckpt.get("config") or {}).get("cls_token_num")
@@ -78,7 +81,9 @@ def load_caption_data(args, logger, device):
         args.text_vocab = vocab.tokens
         what = f"the built-in word-level encoder ({len(vocab)} words{', from the checkpoint' if saved_vocab else ''}, width {args.text_dim})"
     args.cls_token_num = T
+    others = len(rows) - len(train_codes) - len(val_codes)
     logger.info(f"{meta_path}: {len(train_codes)} train rows, {len(val_codes)} val/test rows, "
+                f"{f'{others} rows of other splits not used, ' if others else ''}"
                 f"{len(set(train_texts))} distinct training captions; T = {T} caption positions; {what}")
     train = CaptionDataset(train_codes, train_texts, condition, model_kwargs)
     val = CaptionDataset(val_codes, val_texts, condition, model_kwargs) if len(val_codes) else None
