@@ -276,17 +276,19 @@ def build_tokenizer(args, device: torch.device, resume: Optional[Path], logger) 
 
 
 def build_optimizers(args, model: MedITok, disc: Optional[nn.Module]):
-    # Matrices get weight decay; norms, biases and codebooks do not.
+    # Matrices get weight decay; norms, biases and codebooks do not. The fused AdamW kernel: one pass
+    # over all tensors instead of one per tensor (several times faster on a CPU).
     def decays(name, p):
         return p.dim() >= 2 and "codebook" not in name
 
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for n, p in trained if decays(n, p)], "weight_decay": args.weight_decay},
                              {"params": [p for n, p in trained if not decays(n, p)], "weight_decay": 0.0}],
-                            lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8)
+                            lr=args.lr, betas=(args.beta1, args.beta2), eps=1e-8, fused=True)
     disc_opt = None
     if disc is not None:
-        disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+        disc_opt = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=(0.5, 0.9), weight_decay=args.weight_decay,
+                                     fused=True)
     return opt, disc_opt
 
 
