@@ -22,6 +22,7 @@ def lpips_pair(tmp_path_factory):
     return reference, losses.PerceptualLoss(path)
 
 
+@pytest.mark.slow  # building torchmetrics' VGG16 (random init of its 120M-parameter classifier) takes seconds
 def test_perceptual_loss_is_torchmetrics_lpips(lpips_pair):
     reference, ours = lpips_pair
     g = torch.Generator().manual_seed(1)
