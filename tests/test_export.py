@@ -76,3 +76,19 @@ def test_plain_state_dict_exports_as_it_is_and_ema_without_ema_is_refused(tmp_pa
         export(str(tmp_path / "released.pt"), tmp_path / "e.safetensors", ema=True)
     with pytest.raises(ValueError, match=".safetensors"):
         export(str(tmp_path / "released.pt"), tmp_path / "out.pt")
+
+
+def test_classifier_export_gives_the_same_features(tmp_path):
+    from evaluation.features import ClassifierFeatures, build_classifier, classifier_kwargs, save_classifier
+
+    torch.manual_seed(0)
+    model = build_classifier("resnet10t", 2, width=0.25).eval()
+    save_classifier(model, tmp_path / "clf.pt", {"arch": "resnet10t", "model_kwargs": classifier_kwargs("resnet10t", 0.25),
+                                                 "num_classes": 2, "class_names": ["ct", "mr"], "image_size": 16,
+                                                 "in_chans": 3, "history": [{"epoch": 1}]})
+    export(str(tmp_path / "clf.pt"), tmp_path / "clf.safetensors")
+    a, b = ClassifierFeatures(tmp_path / "clf.pt"), ClassifierFeatures(tmp_path / "clf.safetensors")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x)) and torch.equal(a.logits(x), b.logits(x))
+    assert b.class_names == ["ct", "mr"]
