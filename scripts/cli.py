@@ -23,6 +23,7 @@ SYNONYMS: tuple[tuple[str, ...], ...] = (
     ("--seed", "--global-seed"),  # base seed; with several processes each derives its own from it
     ("--meta-path", "--meta", "--metadata"),  # one metadata file (csv / jsonl / json)
     ("--output-dir", "--out-dir", "--out"),  # a folder that receives the outputs
+    ("--vq-ckpt", "--tokenizer-ckpt", "--pretrained-path"),  # the tokenizer weights a script encodes/decodes with
 )
 # Values that name one thing: where a flag's choices hold one spelling, the others are accepted for it.
 VALUE_SYNONYMS: tuple[tuple[str, ...], ...] = (
