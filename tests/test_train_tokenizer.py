@@ -47,6 +47,16 @@ def data(tmp_path_factory) -> Path:
     return root / "metadata.csv"
 
 
+@pytest.fixture(scope="module")
+def vgg_weights(tmp_path_factory) -> Path:
+    """A torchvision VGG16 features state dict (random weights): what --perceptual-weights reads."""
+    from torchvision.models import vgg16
+
+    path = tmp_path_factory.mktemp("vgg") / "vgg16.pth"
+    torch.save({f"features.{k}": v for k, v in vgg16(weights=None).features.state_dict().items()}, path)
+    return path
+
+
 def run(meta: Path, out: Path, *extra: str):
     args = get_parser().parse_args([
         "--train-data", str(meta), "--out-dir", str(out), "--config", "MedITok-Tiny", "--image-size", str(SIZE),
@@ -163,17 +173,39 @@ def test_max_minutes_is_only_a_safety_stop(data, tmp_path):
     assert load_checkpoint(tmp_path / "out" / "tokenizer.pt")["step"] == stopped + 1
 
 
-def test_loss_options_run(data, tmp_path):
+def test_loss_options_run(data, tmp_path, vgg_weights):
     """Perceptual loss from a user file, entropy loss, flips, random CT windows and uncached reading."""
-    from torchvision.models import vgg16
-
-    weights = tmp_path / "vgg16.pth"
-    torch.save({f"features.{k}": v for k, v in vgg16(weights=None).features.state_dict().items()}, weights)
-    run(data, tmp_path / "out", "--max-steps", "2", "--perceptual-weights", str(weights), "--entropy-weight", "0.1",
+    run(data, tmp_path / "out", "--max-steps", "2", "--perceptual-weights", str(vgg_weights), "--entropy-weight", "0.1",
         "--hflip", "0.5", "--random-ct-window", "--ema-decay", "0", "--val-max-images", "2")
     ckpt = load_checkpoint(tmp_path / "out" / "tokenizer.pt")
     assert "ema" not in ckpt and ckpt["config"]["use_entropy_loss"] is True
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_each_loss_option_changes_the_gradient(data, tmp_path, vgg_weights):
+    """Each loss option reaches the gradient of the first step: perceptual, entropy, L1, VQ weights, flips,
+    and the GAN term (adaptive weight) once it starts."""
+    import logging
+
+    from scripts.train_tokenizer import augment, build_or_resume, train_step
+
+    x = images(data, "train")[:4]
+
+    def gradient(*extra):
+        args = get_parser().parse_args(["--train-data", str(data), "--out-dir", str(tmp_path), "--config",
+                                        "MedITok-Tiny", "--image-size", str(SIZE), "--ema-decay", "0", *map(str, extra)])
+        parts, _, _ = build_or_resume(args, torch.device("cpu"), tmp_path / "none", 1, 0, logging.getLogger("t"))
+        train_step(parts, augment(x, args, args.seed, 0, 0), 0, 0.0, 0.0, args)  # lr 0: the weights stay put
+        return torch.cat([p.grad.flatten() for p in parts.raw.parameters() if p.grad is not None])
+
+    base = gradient()
+    assert base.abs().sum() > 0
+    for option in (["--perceptual-weights", vgg_weights], ["--entropy-weight", 0.5], ["--l1", 0], ["--vq-weight", 0],
+                   ["--hflip", 1.0], ["--disc-weight", 1.0, "--disc-start", 0, "--disc-width", 8, "--disc-layers", 1]):
+        g = gradient(*option)
+        assert g.shape == base.shape and (g - base).abs().max() > 1e-6 * base.abs().max(), option
+    # The GAN term only from --disc-start on.
+    assert torch.equal(gradient("--disc-weight", 1.0, "--disc-start", 5, "--disc-width", 8, "--disc-layers", 1), base)
 
 
 def test_fine_tune_from_checkpoint(data, tmp_path):
