@@ -119,7 +119,7 @@ def test_quickstart_report_assembles_grid_and_metrics(built, tmp_path):
         out=str(tmp_path / "out"), meta_path=str(built / "metadata.csv"), samples=str(tmp_path / "samples.npz"),
         tokenizer_eval=str(tmp_path / "tok.json"), generation_eval=str(tmp_path / "gen.json"),
         classifier_eval=str(tmp_path / "missing.json"), stage_dir=str(tmp_path / "stages"),
-        real_split="train", per_class=2, tile=0, pad=2)
+        real_split="train", per_class=2, tile=0, pad=2, tokenizer=None, codes=None)
     quickstart_report.main(args)
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -130,6 +130,8 @@ def test_quickstart_report_assembles_grid_and_metrics(built, tmp_path):
     assert report["stage_commands"] == {"data": None, "tokenizer": "bash scripts/train_tokenizer.sh"}
     assert report["targets"]["recon_psnr_db"]["met"] and not report["targets"]["sample_class_accuracy"]["met"]
     grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
-    # One row per class; two real and two generated 16-px tiles per row, with 2-px gaps (3 before the samples).
-    assert grid.shape == (len(demo.CLASSES) * 18 + 2, 4 * 18 + 6, 3)
+    # One row per class; blocks of two real and two generated 16-px tiles, 2-px gaps, 2 more around each block.
+    assert grid.shape == (len(demo.CLASSES) * 18 + 2, 2 * (2 * 18 + 4) + 2, 3)
+    first_generated = samples[labels == 0][0]
+    assert np.array_equal(grid[2:18, 42:58], first_generated)  # the generated block starts after the real one
     assert "PSNR" in (tmp_path / "out" / "report.md").read_text()
