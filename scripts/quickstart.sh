@@ -106,19 +106,13 @@ stage 2_tokenizer "train $TOKENIZER_CONFIG at ${IMAGE_SIZE}px for $TOKENIZER_STE
 stage 3_tokenize "encode every image into codes in $CODE_DIR" \
     python batch_infer.py --output_dir "$CODE_DIR" --pretrained_path "$TOKENIZER_DIR/tokenizer.pt" \
         --meta_path "$DATA_DIR/metadata.csv" --infer_type code --image_size "$IMAGE_SIZE" \
-        --batch_size "$INFER_BATCH_SIZE" --num_workers "$NUM_WORKERS"
-
-# The GPT's total vocabulary is the tokenizer's (codebook size x codebooks), read from its checkpoint.
-vocab_size() {
-    python -c 'import sys; from models.meditok import build_meditok; print(build_meditok(sys.argv[1]).vocab_size)' "$1"
-}
+        --batch_size "$INFER_BATCH_SIZE" --num_workers "$NUM_WORKERS" --overwrite_changed  # the folder is derived
 
 if [ "$QUICKSTART_MODE" = c2i ]; then
-CURRENT_STAGE=4_gpt
-[ -f "$STAGE_DIR/4_gpt.seconds" ] || VOCAB_SIZE=$(vocab_size "$TOKENIZER_DIR/tokenizer.pt")
+# The vocabulary, codebooks and grid come from the codes' manifest (CODE_DIR/tokenizer.json).
 stage 4_gpt "train $GPT_MODEL on the codes for $GPT_STEPS steps" \
     env CODE_DIR="$CODE_DIR" VQ_PATH="$TOKENIZER_DIR/tokenizer.pt" RES_DIR="$GPT_RES_DIR" \
-        EXP_NAME="$GPT_EXP_NAME" LR="$GPT_LR" BATCH_SIZE="$GPT_BATCH_SIZE" VOCAB_SIZE="${VOCAB_SIZE:-}" \
+        EXP_NAME="$GPT_EXP_NAME" LR="$GPT_LR" BATCH_SIZE="$GPT_BATCH_SIZE" \
         NUM_CLASSES="$NUM_CLASSES" GPT_MODEL="$GPT_MODEL" NPROC_PER_NODE=1 \
         EXTRA_ARGS="--max-steps $GPT_STEPS --schedule cosine --global-seed $SEED --no-compile --log-every 100 --ckpt-every $GPT_STEPS $GPT_EXTRA_ARGS" \
     bash evaluation/generation/scripts/train_c2i.sh
@@ -126,13 +120,13 @@ stage 4_gpt "train $GPT_MODEL on the codes for $GPT_STEPS steps" \
 stage 5_sample "generate $SAMPLES_PER_CLASS images per class (cfg $CFG_SCALE, temperature $TEMPERATURE) into $SAMPLE_DIR" \
     env SAMPLE_DIR="$SAMPLE_DIR" GPT_PATH="$GPT_RES_DIR/$GPT_EXP_NAME/checkpoints/latest.pt" \
         VQ_PATH="$TOKENIZER_DIR/tokenizer.pt" NUM_PER_CLASS="$SAMPLES_PER_CLASS" NUM_CLASSES="$NUM_CLASSES" \
-        GPT_MODEL="$GPT_MODEL" CFG_SCALE="$CFG_SCALE" NPROC_PER_NODE=1 EXTRA_ARGS="--temperature $TEMPERATURE $SAMPLE_EXTRA_ARGS" \
+        GPT_MODEL="$GPT_MODEL" CFG_SCALE="$CFG_SCALE" SEED="$SEED" NPROC_PER_NODE=1 EXTRA_ARGS="--temperature $TEMPERATURE $SAMPLE_EXTRA_ARGS" \
     bash evaluation/generation/scripts/sample_c2i.sh
 fi
 
 stage 6_classifier "train the evaluation classifier on the real train images" \
     python -m evaluation.train_classifier --meta "$DATA_DIR/metadata.csv" --image_size "$IMAGE_SIZE" \
-        --epochs "$CLASSIFIER_EPOCHS" --seed "$SEED" --num_workers "$NUM_WORKERS" --classifier_ckpt "$EVAL_DIR/classifier.pt" \
+        --epochs "$CLASSIFIER_EPOCHS" --seed "$SEED" --num_workers "$NUM_WORKERS" --classifier_ckpt "$EVAL_DIR/classifier.pt" --codes "$CODE_DIR" \
         $CLASSIFIER_EXTRA_ARGS
 
 if [ "$QUICKSTART_MODE" = t2i ]; then
@@ -142,7 +136,7 @@ fi
 
 stage 7_eval_tokenizer "reconstruction PSNR/SSIM of the tokenizer on the val images" \
     python -m evaluation.tokenizer.evaluate --meta "$DATA_DIR/metadata.csv" --tokenizer_ckpt "$TOKENIZER_DIR/tokenizer.pt" \
-        --split val --feature_space classifier --classifier_ckpt "$EVAL_DIR/classifier.pt" \
+        --split val --feature_space classifier --classifier_ckpt "$EVAL_DIR/classifier.pt" --codes "$CODE_DIR" \
         --num_workers "$NUM_WORKERS" --out "$EVAL_DIR/tokenizer"
 
 # sample_c2i.sh writes into SAMPLE_DIR/<run name derived from its settings>/: take the newest run.
@@ -154,7 +148,7 @@ if [ -z "$SAMPLES_NPZ" ]; then
 fi
 stage 8_eval_generation "FID/KID/precision/recall in classifier features, classifier accuracy on the samples" \
     python -m evaluation.generation.evaluate --real_meta "$DATA_DIR/metadata.csv" --samples "$SAMPLES_NPZ" \
-        --feature_space classifier --classifier_ckpt "$EVAL_DIR/classifier.pt" --num_workers "$NUM_WORKERS" \
+        --feature_space classifier --classifier_ckpt "$EVAL_DIR/classifier.pt" --codes "$CODE_DIR" --num_workers "$NUM_WORKERS" \
         --out "$EVAL_DIR/generation"
 
 # The report is cheap and reflects the latest outputs, so it always runs.
@@ -162,5 +156,5 @@ CURRENT_STAGE=report
 python -m scripts.quickstart_report --out "$OUT" --meta_path "$DATA_DIR/metadata.csv" --samples "$SAMPLES_NPZ" \
     --classifier_eval "$EVAL_DIR/classifier.json" \
     --tokenizer_eval "$EVAL_DIR/tokenizer/tokenizer_metrics.json" --generation_eval "$EVAL_DIR/generation/generation_metrics.json" \
-    --stage_dir "$STAGE_DIR" --per_class "$GRID_PER_CLASS"
+    --stage_dir "$STAGE_DIR" --per_class "$GRID_PER_CLASS" --tokenizer "$TOKENIZER_DIR/tokenizer.pt" --codes "$CODE_DIR"
 echo "[quickstart] this invocation took $(awk -v a="$RUN_START" -v b="$(date +%s.%N)" 'BEGIN { printf "%.0f", b - a }') s; results in $OUT/ (grid.png, report.json, report.md)"
