@@ -139,8 +139,11 @@ def shard(model: nn.Module, mesh: Optional[DeviceMesh], block_types: tuple[type,
     kwargs = {"mesh": mesh}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy
-    for block in find_blocks(model, block_types):
-        fully_shard(block, **kwargs)
+    blocks = find_blocks(model, block_types)
+    for i, block in enumerate(blocks):
+        # The last block in module order (the GPT's last to run forward, first in backward) stays gathered
+        # from its forward to its backward: resharding it in between would only cost one more all-gather.
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
     # fully_shard cannot split 0-d parameters (MedITok's frozen logit_scale): they stay whole on every
     # rank, which is only right when nothing trains them (FSDP would not reduce their gradients).
     scalars = {p for p in model.parameters() if p.dim() == 0}

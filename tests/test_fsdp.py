@@ -260,14 +260,18 @@ def assert_weights_equal(a, b, atol, what):
 def test_train_c2i_fsdp_equals_one_process_ddp_and_latest_loads(tmp_path):
     """2 processes, FSDP + activation checkpointing vs 1 plain DDP process, same global batch of 8."""
     meta = make_codes(tmp_path)
-    train(base_args(meta, tmp_path, "ddp", "--max-steps", "6", *EXTRA, dropout=False))
-    proc = torchrun_train_c2i(2, base_args(meta, tmp_path, "fsdp", "--max-steps", "6", *EXTRA, "--data-parallel", "fsdp",
-                                           "--grad-checkpointing", dropout=False))
+    train(base_args(meta, tmp_path, "ddp", "--max-steps", "6", *EXTRA, "--eval-every", "2", dropout=False))
+    proc = torchrun_train_c2i(2, base_args(meta, tmp_path, "fsdp", "--max-steps", "6", *EXTRA, "--eval-every", "2",
+                                           "--data-parallel", "fsdp", "--grad-checkpointing", dropout=False))
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err.decode()[-3000:]
     assert "world_size=2" in (tmp_path / "fsdp" / "log.txt").read_text()
     for key in ("model", "ema"):
         assert_weights_equal(final_weights(tmp_path, "ddp", key), final_weights(tmp_path, "fsdp", key), 1e-4, key)
+    # The validation loss (mid-training too: a sharded forward in eval mode between training steps).
+    val = {run: [float(line.rsplit("val loss ", 1)[1].split()[0]) for line in
+                 (tmp_path / run / "log.txt").read_text().splitlines() if "val loss" in line] for run in ("ddp", "fsdp")}
+    assert len(val["fsdp"]) == 3 and val["fsdp"] == pytest.approx(val["ddp"], abs=2e-4)
 
     # Training state in one DCP folder per checkpoint (the last step included); latest.pt is consolidated.
     ckpts = tmp_path / "fsdp" / "checkpoints"
