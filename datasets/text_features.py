@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Dataset
 
-from datasets.files import atomic_save, atomic_write_text
+from datasets.files import FolderLock, atomic_save, atomic_write_text
 from datasets.metadata import read_metadata, row_where
 from models.distributed import barrier, is_dist, setup_distributed
 from scripts.cli import ArgumentParser
@@ -250,6 +250,16 @@ def main(args) -> int:
         except TextFeatureError as e:
             failures.append({"line": row.get("_line"), "identifier": row.get("identifier"), "reason": str(e)})
     distinct = sorted(set(texts))
+    # One run per output folder at a time (rank 0 holds the lock; the kernel drops it if the run dies).
+    lock = FolderLock(out, ".text_features.lock").acquire() if rank == 0 else None
+    try:
+        return _extract(args, rows, distinct, failures, out, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _extract(args, rows, distinct, failures, out: Path, rank: int, world: int, device) -> int:
     encoder = HFTextEncoder(args.encoder, args.max_length, device, args.dtype)
     wanted = encoder.describe()
     manifest_path = out / MANIFEST

@@ -39,6 +39,7 @@ from datasets.files import atomic_write_text
 from datasets.metadata import read_metadata, resolve_path, write_metadata
 from evaluation.features import ClassifierFeatures, from_uint8, load_images
 from scripts.cli import ArgumentParser
+from scripts.cli import ArgumentParser
 
 BRAIN = {  # label_name -> (orientation words, level words for the three thirds of the level)
     "brain_mri_axial": ("axial slice", ("lower third", "middle third", "upper third")),
