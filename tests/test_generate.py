@@ -9,7 +9,8 @@ from models.checkpoint import load_state_dict_strict
 import models.generate as generate_module
 from models.generate import PackedLinear, can_prepack, generate, generate_naive, guidance_scales, sample_logits
 from models.gpt import ModelArgs, Transformer
-from tests.test_gpt import one_thread, randomize, tiny_args  # noqa: F401 (one_thread: autouse fixture)
+# test_gpt by its basename: pytest puts tests/ on sys.path, and `tests` itself is taken by torch-fidelity
+from test_gpt import one_thread, randomize, tiny_args  # noqa: F401 (one_thread: autouse fixture)
 
 REFERENCE = Path(__file__).parent / "data" / "gpt_c2i_tiny_reference.pt"
 
