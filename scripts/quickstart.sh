@@ -30,6 +30,10 @@ IMAGE_SIZE=${IMAGE_SIZE:-64}                     # side the tokenizer, GPT and e
 NUM_CLASSES=${NUM_CLASSES:-4}
 NUM_WORKERS=${NUM_WORKERS:-0}                    # data-loader workers (0: in the main process)
 SEED=${SEED:-0}
+# Same command, same numbers: every stage is a fixed amount of seeded work, and torch's thread count is
+# pinned because float sums (and so the weights) depend on it. PASSIVE: idle threads sleep instead of
+# spinning, which keeps a busy machine from slowing down several-fold.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # tokenizer
 TOKENIZER_CONFIG=${TOKENIZER_CONFIG:-MedITok-Tiny}
 TOKENIZER_STEPS=${TOKENIZER_STEPS:-1100}          # a fixed amount of work (not a time budget): same result on any machine
