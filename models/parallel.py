@@ -220,12 +220,6 @@ def gradient_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
-def clip_grad_norm(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
-    """clip_grad_norm_ for plain or sharded (DTensor) gradients -> the total norm as a plain tensor."""
-    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
-
-
 # ----------------------------------------------------------------------------------------------
 # Consolidated weights (the single-file checkpoints)
 # ----------------------------------------------------------------------------------------------

@@ -23,11 +23,12 @@ from models.meditok import build_meditok
 from models.parallel import (
     PARTIAL,
     TRAIN_STATE,
-    clip_grad_norm,
     device_mesh,
     find_blocks,
     full_state_dict,
     is_complete,
+    load_full_optimizer_state,
+    load_full_state_dict,
     load_sharded,
     save_sharded,
     sharded_checkpoints,
@@ -89,7 +90,7 @@ def train_steps(model, train_model, optimizer, ema, steps, rank=0, world_size=1)
         x, y = x[rank * share:][:share], y[rank * share:][:share]
         _, loss = train_model(x[:, :, :-1], y, targets=x)
         loss.backward()
-        clip_grad_norm(model.parameters(), 0.5)  # small, so clipping is active and its norm must be global
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # active: its norm must be over all shards
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, model, 0.5)
@@ -187,6 +188,19 @@ def _two_process_worker(rank, world_size, port, out):
             weights, ema_weights = full_state_dict(model), full_state_dict(ema)
             if rank == 0:
                 torch.save({"model": weights, "ema": ema_weights}, out / f"{mode}_final.pt")
+        # A single-file training checkpoint of the plain model (index-keyed optimizer state, as ddp runs
+        # write) continued on 2 FSDP processes.
+        model, ema = tiny_gpt(), tiny_gpt()
+        wrap_model(model, "fsdp", cpu, BLOCKS, mesh=device_mesh("fsdp", cpu), ema=ema)
+        opt = optimizer_for(model)
+        ckpt = torch.load(out / "one_2.pt", weights_only=True)
+        load_full_state_dict(model, ckpt["model"])
+        load_full_state_dict(ema, ckpt["ema"])
+        load_full_optimizer_state(model, opt, ckpt["optimizer"])
+        train_steps(model, model, opt, ema, [2], rank, world_size)
+        weights, ema_weights = full_state_dict(model), full_state_dict(ema)
+        if rank == 0:
+            torch.save({"model": weights, "ema": ema_weights}, out / "file_to_two_final.pt")
         # 1 -> 2: continue the single process's step-2 checkpoint on 2 processes.
         model, ema = tiny_gpt(), tiny_gpt()
         wrap_model(model, "fsdp", cpu, BLOCKS, mesh=device_mesh("fsdp", cpu), ema=ema)
@@ -215,11 +229,12 @@ def test_fsdp_hsdp_equal_one_process_and_checkpoints_reshard(tmp_path):
     opt = optimizer_for(model)
     train_steps(model, model, opt, ema, [0, 1])
     save_sharded(tmp_path / "one_2", model, opt, ema, {"steps": 2})
+    torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "one_2.pt")
     train_steps(model, model, opt, ema, [2])
     ref = {"model": model.state_dict(), "ema": ema.state_dict()}
 
     mp.spawn(_two_process_worker, args=(2, free_port(), tmp_path), nprocs=2)
-    for name in ("fsdp_final", "hsdp_final", "one_to_two_final"):
+    for name in ("fsdp_final", "hsdp_final", "one_to_two_final", "file_to_two_final"):
         got = torch.load(tmp_path / f"{name}.pt", weights_only=True)
         for key in ("model", "ema"):
             assert_close(ref[key], got[key], 1e-5, f"{name} {key}")
