@@ -299,6 +299,19 @@ def test_train_c2i_fsdp_equals_one_process_ddp_and_latest_loads(tmp_path):
     assert torch.isfinite(gpt(torch.zeros(2, K, GRID * GRID - 1, dtype=torch.long), torch.tensor([0, 1]))[0]).all()
 
 
+def test_train_c2i_fsdp_auto_resume_finds_the_sharded_folder(tmp_path):
+    """One process with --data-parallel fsdp (nothing to split, checkpoints still DCP folders): a rerun
+    asking for more steps continues from the folder, not from latest.pt (weights only) or from scratch."""
+    meta = make_codes(tmp_path)
+    train(base_args(meta, tmp_path, "run", "--max-steps", "2", "--data-parallel", "fsdp", dropout=False))
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert [s for s, _ in sharded_checkpoints(ckpts)] == [2] and "optimizer" not in load_checkpoint(ckpts / "latest.pt")
+    stats = train(base_args(meta, tmp_path, "run", "--max-steps", "3", "--auto-resume", "--data-parallel", "fsdp",
+                            dropout=False))
+    assert stats["steps"] == 3 and f"resumed from {ckpts / '0000002'}: step 2" in (tmp_path / "run" / "log.txt").read_text()
+    assert [s for s, _ in sharded_checkpoints(ckpts)] == [2, 3]
+
+
 @pytest.mark.slow
 def test_train_c2i_fsdp_killed_on_two_processes_resumes_on_one(tmp_path):
     """SIGKILL a 2-process FSDP run after its step-4 checkpoint (mid-epoch: 3 steps per epoch); one
