@@ -273,11 +273,13 @@ def assert_weights_equal(a, b, atol, what):
 
 @pytest.mark.slow
 def test_train_c2i_fsdp_equals_one_process_ddp_and_latest_loads(tmp_path):
-    """2 processes, FSDP + activation checkpointing vs 1 plain DDP process, same global batch of 8."""
+    """2 processes, FSDP + activation checkpointing + 2 micro-batches per step vs 1 plain DDP process,
+    same global batch of 8."""
     meta = make_codes(tmp_path)
     train(base_args(meta, tmp_path, "ddp", "--max-steps", "6", *EXTRA, "--eval-every", "2", dropout=False))
     proc = torchrun_train_c2i(2, base_args(meta, tmp_path, "fsdp", "--max-steps", "6", *EXTRA, "--eval-every", "2",
-                                           "--data-parallel", "fsdp", "--grad-checkpointing", dropout=False))
+                                           "--data-parallel", "fsdp", "--grad-checkpointing",
+                                           "--gradient-accumulation-steps", "2", dropout=False))
     _, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err.decode()[-3000:]
     assert "world_size=2" in (tmp_path / "fsdp" / "log.txt").read_text()
