@@ -155,7 +155,7 @@ def test_contiguous_splits():
 def dicom_tree(root: Path) -> dict:
     """6 patients; each has a CT study (an axial series beside a one-slice localizer in the same folder)
     and some an MR study. Returns {series uid: (patient, stored volume)}."""
-    from tests.test_dicom import write_series
+    from test_dicom import write_series  # by basename: a top-level `tests` package (torch-fidelity) shadows ours
 
     rng = np.random.default_rng(0)
     truth = {}
