@@ -264,3 +264,30 @@ def test_generate_argument_errors():
         generate(model, torch.tensor([[0]]), 4)
     with pytest.raises(ValueError, match="null class"):
         generate(Transformer(tiny_args(class_dropout_prob=0.0)), torch.tensor([0]), 4, cfg_scale=2.0)
+
+
+def test_sampling_draws_one_uniform_per_row_and_reaches_every_index():
+    """Each row consumes exactly one uniform from the generator (the documented draw: one uniform per
+    row, inverted through the CDF), and a code beyond the batch size is drawn when it holds the mass."""
+    logits = torch.full((4, 50), -30.0)
+    logits[:, 40] = 30.0
+    logits[1, 41] = 30.0  # row 1: two equally likely codes
+    for kw in (dict(), dict(temperature=0.7), dict(top_k=10), dict(top_p=0.6)):
+        g = torch.Generator().manual_seed(5)
+        drawn = sample_logits(logits, generator=g, **kw).tolist()
+        assert drawn[0] == drawn[2] == drawn[3] == 40 and drawn[1] in (40, 41), (kw, drawn)
+        ref = torch.Generator().manual_seed(5)
+        torch.rand(4, 1, generator=ref)
+        assert torch.equal(g.get_state(), ref.get_state()), kw
+
+
+@pytest.mark.parametrize("sampler", [generate, generate_naive])
+def test_default_settings_are_plain_sampling(sampler):
+    """Defaults: no guidance, temperature 1, no top-k / top-p filtering."""
+    model = randomize(Transformer(tiny_args()), std=0.1).eval()
+    labels = torch.tensor([0, 2])
+
+    def run(**kw):
+        return sampler(model, labels, 6, generator=torch.Generator().manual_seed(1), **kw)
+
+    assert torch.equal(run(), run(cfg_scale=1.0, temperature=1.0, top_k=0, top_p=1.0))
