@@ -301,11 +301,13 @@ def test_run_dying_twice_on_a_row_skips_it(tmp_path, tokenizers):
     (tmp_path / "bomb.crash").write_text("kill")
     meta = tmp_path / "meta.csv"
     write_metadata([{"identifier": "bomb.crash"}, {"identifier": "g0.png"}], meta)
-    script = ("import sys, tests.test_batch_infer_hostile, batch_infer; "
+    # This module by its basename (tests/ on PYTHONPATH): a top-level `tests` package (torch-fidelity) shadows ours.
+    script = ("import sys, test_batch_infer_hostile, batch_infer; "
               "sys.exit(batch_infer.main(batch_infer.parse_args(sys.argv[1:])))")
     cmd = [sys.executable, "-c", script, "--output_dir", str(tmp_path / "out"), "--pretrained_path", str(ckpt),
            "--meta_path", str(meta), "--image_size", str(IMAGE_SIZE), "--num_workers", "0", "--no_progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")])}
     codes = [subprocess.run(cmd, cwd=REPO, env=env, capture_output=True).returncode for _ in range(3)]
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 1]
     assert (tmp_path / "bomb.crash.calls").read_text() == "11"
