@@ -36,7 +36,7 @@ SEED=${SEED:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # tokenizer
 TOKENIZER_CONFIG=${TOKENIZER_CONFIG:-MedITok-Tiny}
-TOKENIZER_STEPS=${TOKENIZER_STEPS:-1100}          # a fixed amount of work (not a time budget): same result on any machine
+TOKENIZER_STEPS=${TOKENIZER_STEPS:-1200}          # a fixed amount of work (not a time budget): same result on any machine
 TOKENIZER_EPOCHS=${TOKENIZER_EPOCHS:-40}
 TOKENIZER_BATCH_SIZE=${TOKENIZER_BATCH_SIZE:-16}
 TOKENIZER_LR=${TOKENIZER_LR:-2e-3}
