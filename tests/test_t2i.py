@@ -8,7 +8,7 @@ import torch
 from models.generate import generate, generate_naive
 from models.gpt import Transformer, infer_config, load_gpt
 from models.text_encoder import WordVocab
-from tests.test_gpt import one_thread, randomize, tiny_args  # noqa: F401 (one_thread: autouse fixture)
+from test_gpt import one_thread, randomize, tiny_args  # noqa: F401 (by basename: torch-fidelity ships a top-level `tests`)
 
 T, CAPTION_DIM = 5, 24
 
