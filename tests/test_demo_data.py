@@ -108,7 +108,7 @@ def test_quickstart_report_assembles_grid_and_metrics(built, tmp_path):
     labels = np.repeat(np.arange(len(demo.CLASSES)), 3)
     samples = rng.integers(0, 256, (len(labels), 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "samples.npz", samples=samples, labels=labels)
-    (tmp_path / "tok.json").write_text(json.dumps({"recon_psnr_db": 26.5, "recon_ssim": 0.9}))
+    (tmp_path / "tok.json").write_text(json.dumps({"recon_psnr_db": 27.5, "recon_ssim": 0.9}))
     (tmp_path / "gen.json").write_text(json.dumps(
         {"fid": 1.5, "sample_class_accuracy": 0.75, "heldout_reference": {"fid": 0.1}, "feature_space": "classifier"}))
     (tmp_path / "stages").mkdir()
@@ -123,12 +123,14 @@ def test_quickstart_report_assembles_grid_and_metrics(built, tmp_path):
     quickstart_report.main(args)
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["recon_psnr_db"] == 26.5 and report["fid_classifier"] == 1.5
+    assert report["recon_psnr_db"] == 27.5 and report["fid_classifier"] == 1.5
     assert report["fid_classifier_heldout_floor"] == 0.1 and report["classifier_val_accuracy"] is None
     assert list(report["stage_seconds"].items()) == [("data", 10.0), ("tokenizer", 300.5)]  # numeric stage order
     assert report["total_seconds"] == 310.5
     assert report["stage_commands"] == {"data": None, "tokenizer": "bash scripts/train_tokenizer.sh"}
     assert report["targets"]["recon_psnr_db"]["met"] and not report["targets"]["sample_class_accuracy"]["met"]
+    assert report["fid_over_heldout_floor"] == 15.0 and not report["targets"]["fid_over_heldout_floor"]["met"]
+    assert report["targets"]["precision"]["met"] is None  # not produced: neither met nor failed
     grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))
     # One row per class; blocks of two real and two generated 16-px tiles, 2-px gaps, 2 more around each block.
     assert grid.shape == (len(demo.CLASSES) * 18 + 2, 2 * (2 * 18 + 4) + 2, 3)
