@@ -38,6 +38,8 @@ METRICS = {
     "fid_classifier_heldout_floor": ("generation", ("heldout_reference", "fid")),
     "kid_classifier": ("generation", ("kid_mean",)),
     "precision": ("generation", ("precision",)),
+    "memorisation_nn_ratio": ("generation", ("memorisation", "nn_ratio")),
+    "memorisation_fraction_below_heldout_q05": ("generation", ("memorisation", "fraction_below_threshold")),
     "recall": ("generation", ("recall",)),
     "precision_heldout_ceiling": ("generation", ("heldout_reference", "precision")),
     "recall_heldout_ceiling": ("generation", ("heldout_reference", "recall")),
@@ -219,6 +221,10 @@ def markdown(report: dict, names: dict[int, str]) -> str:
         f"| recall (real train inside the samples' k-NN manifold, k = {fmt(report['precision_recall_k_samples'], '.0f')}) "
         f"| {fmt(report['recall'], '.3f')} | ceiling (real val vs train): {fmt(report['recall_heldout_ceiling'], '.3f')}; {goal('recall')} |",
         f"| classifier accuracy on real val images | {fmt(report['classifier_val_accuracy'], '.3f')} | |",
+        f"| memorisation: median nearest-train distance, samples / held-out real (< 1: closer to the training "
+        f"set than unseen images) | {fmt(report['memorisation_nn_ratio'], '.3f')} | |",
+        f"| memorisation: samples closer to a training image than 95 % of held-out real images | "
+        f"{fmt(report['memorisation_fraction_below_heldout_q05'], '.3f')} | |",
         f"| total seconds (sum of stages) | {fmt(report['total_seconds'], '.0f')} | {goal('total_seconds')} |",
         "",
         "| stage | seconds |",
