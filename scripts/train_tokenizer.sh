@@ -6,7 +6,7 @@
 #   OUT_DIR      output folder: tokenizer.pt, checkpoints/, log (required)  --out-dir
 #   CONFIG  IMAGE_SIZE  BATCH_SIZE (global)  EPOCHS  LR  SEED                --config --image-size --batch-size --epochs --lr --seed
 #   INIT_CKPT    start from these weights (e.g. meditok_simple_v1.pth)      --init-ckpt
-#   EXTRA_ARGS   any other flags of scripts/train_tokenizer.py, e.g. "--max-minutes 5 --hflip 0.5"
+#   EXTRA_ARGS   any other flags of scripts/train_tokenizer.py, e.g. "--max-steps 1200 --hflip 0.5"
 # Python, NPROC_PER_NODE, MASTER_PORT, NNODES/NODE_RANK/MASTER_ADDR: see scripts/launcher.sh.
 #
 #   TRAIN_DATA=data/demo/metadata.csv OUT_DIR=runs/tok_tiny IMAGE_SIZE=64 bash scripts/train_tokenizer.sh
