@@ -323,9 +323,8 @@ def copy_inputs(args, run_dir: Path, rows, labels, names, vq, rank, world_size, 
         write_png(decode(vq, codes, args.output_size)[0], path)
 
 
-def gather_outputs(args, run_dir: Path, paths, labels, names, rows) -> None:
-    """Rank 0: samples.npz, samples.jsonl and grid.png from the PNGs of all ranks, read into one
-    preallocated uint8 array (the archive is streamed to disk from it)."""
+def read_samples(paths) -> np.ndarray:
+    """Every rank's PNGs -> one preallocated uint8 array [N, H, W, 3] (never a list of copies)."""
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise RuntimeError(f"{len(missing)} samples are missing after sampling, e.g. {missing[:3]}")
@@ -334,12 +333,23 @@ def gather_outputs(args, run_dir: Path, paths, labels, names, rows) -> None:
         with Image.open(p) as im:
             image = np.asarray(im.convert("RGB"))
         if samples is None:
-            samples = np.empty((len(paths), *image.shape), dtype=np.uint8)  # [N, H, W, 3]
+            samples = np.empty((len(paths), *image.shape), dtype=np.uint8)
         if image.shape != samples.shape[1:]:
             raise RuntimeError(f"{p}: {image.shape} but the first sample is {samples.shape[1:]}; delete the stray file")
         samples[i] = image
-    # arr_0: the same images under the key the ADM evaluator and torch-fidelity read (stored twice on disk)
-    atomic_savez(run_dir / "samples.npz", samples=samples, labels=np.asarray(labels, dtype=np.int64), arr_0=samples)
+    return samples
+
+
+def save_samples(run_dir: Path, samples: np.ndarray, **arrays: np.ndarray) -> None:
+    """samples.npz streamed to disk; arr_0 holds the same images under the key the ADM evaluator and
+    torch-fidelity read (stored twice on disk)."""
+    atomic_savez(run_dir / "samples.npz", samples=samples, arr_0=samples, **arrays)
+
+
+def gather_outputs(args, run_dir: Path, paths, labels, names, rows) -> None:
+    """Rank 0: samples.npz, samples.jsonl and grid.png from the PNGs of all ranks."""
+    samples = read_samples(paths)
+    save_samples(run_dir, samples, labels=np.asarray(labels, dtype=np.int64))
     out_rows = []
     for i, (p, lab) in enumerate(zip(paths, labels)):
         row = {"identifier": str(p.relative_to(run_dir)), "label": lab, "label_name": names[lab], "split": "generated"}

@@ -18,7 +18,6 @@ SAMPLE_DIR/<run>/:
 from __future__ import annotations
 
 import argparse
-import io
 import textwrap
 from pathlib import Path
 
@@ -29,10 +28,10 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from datasets.code_dataset import find_code_metadata
-from datasets.files import atomic_write_bytes, write_png
+from datasets.files import write_png
 from datasets.metadata import read_metadata, whole_number, write_metadata
 from datasets.text_features import HFTextEncoder, WordCaptions, caption_of, pad_captions
-from evaluation.generation.sample_c2i import decode, run_name
+from evaluation.generation.sample_c2i import decode, read_samples, run_name, save_samples
 from models.distributed import barrier, is_dist, setup_distributed
 from models.generate import CFG_SCHEDULES, generate
 from models.gpt import load_gpt
@@ -199,14 +198,9 @@ def row_label(row: dict | None) -> int:
 
 def gather_outputs(args, run_dir: Path, paths, prompts, rows) -> None:
     """Rank 0: samples.npz, samples.jsonl and grid.png from the PNGs of all ranks."""
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise RuntimeError(f"{len(missing)} samples are missing after sampling, e.g. {missing[:3]}")
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in tqdm(paths, desc="gathering", leave=False)]
+    images = read_samples(paths)
     labels = [row_label(rows[i] if rows else None) for i in range(len(paths))]
-    buf = io.BytesIO()
-    np.savez(buf, samples=np.stack(images), prompts=np.asarray(prompts, dtype=str), labels=np.asarray(labels, dtype=np.int64))
-    atomic_write_bytes(buf.getvalue(), run_dir / "samples.npz")
+    save_samples(run_dir, images, prompts=np.asarray(prompts, dtype=str), labels=np.asarray(labels, dtype=np.int64))
     out_rows = []
     for i, (p, text) in enumerate(zip(paths, prompts)):
         row = {"identifier": p.name, "text": text, "label": labels[i] if labels[i] >= 0 else None, "split": "generated"}
