@@ -39,7 +39,7 @@ def _keep_top_p(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _draw(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
     """One index per row of unnormalised probs [B, V] by inverting the CDF: one uniform per row
-    (torch.multinomial costs ~1 ms per call on a small CPU; this is a cumsum and a binary search)."""
+    (a cumsum and a binary search: cheaper per call than torch.multinomial on a CPU)."""
     cdf = probs.cumsum(-1)
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     # right=True skips zero-probability entries (their CDF equals the previous one).

@@ -148,8 +148,8 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_toke
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """x [B, S, H, head_dim] rotated pairwise by freqs_cis [S, head_dim // 2, 2] (cos, sin), in float32.
-    As a complex product: one kernel instead of a dozen small real ones (6x faster per decoding step
-    on a CPU, same numbers); torch.compile supports it."""
+    As a complex product: one kernel instead of a dozen small real ones (same numbers; bench/bench_generate.py);
+    torch.compile supports it."""
     xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [B, S, H, head_dim // 2]
     fc = torch.view_as_complex(freqs_cis.contiguous())[None, :, None]  # [1, S, 1, head_dim // 2]
     return torch.view_as_real(xc * fc).flatten(-2).type_as(x)
