@@ -60,7 +60,7 @@ def brute_distances(x, y):
 
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
 def test_knn_radii_are_the_kth_nearest_other_row(k):
-    x = np.random.default_rng(0).normal(size=(9, 4))
+    x = np.random.default_rng(0).normal(size=(60, 4))
     d = brute_distances(x, x)
     expected = [np.sort(np.delete(d[i], i))[k - 1] for i in range(len(x))]
     radii = metrics.knn_radii(x, k) if k != 3 else metrics.knn_radii(x)  # 3 is the default
@@ -82,7 +82,7 @@ def test_kid_subsets_are_drawn_without_replacement_and_sized():
     mean, std = metrics.kid(real, fake, subsets=5, subset_size=40)
     assert mean == pytest.approx(metrics.mmd2_unbiased(real, fake), rel=1e-9) and std == pytest.approx(0, abs=1e-12)
     # smaller subsets vary; the defaults are 50 subsets of 1000 rows (capped at the set size) with seed 0
-    assert metrics.kid(real, fake, subsets=5, subset_size=10)[1] > 0
+    assert metrics.kid(real, fake, subsets=5, subset_size=10)[1] > 1e-6
     assert metrics.kid(real, fake) == metrics.kid(real, fake, subsets=50, subset_size=1000, seed=0)
     assert metrics.kid(real, fake, subset_size=10) == metrics.kid(real, fake, subsets=50, subset_size=10, seed=0)
 
@@ -104,3 +104,20 @@ def test_memorisation_summary_against_brute_force():
     assert out["threshold"] == pytest.approx(threshold, abs=1e-6) and out["threshold_quantile"] == 0.1
     assert out["fraction_below_threshold"] == pytest.approx((near_s < threshold).mean())
     assert out["fraction_below_threshold"] >= 3 / 12
+    # a sample exactly at the threshold distance is not below it
+    held[0] = train[0] + np.array([0.01, 0, 0, 0])
+    samples[3] = held[0]
+    out = metrics.memorisation(samples, train, held, quantile=0.0)
+    assert out["sample_nn_distance"][3] == out["threshold"]
+    assert out["fraction_below_threshold"] == pytest.approx((out["sample_nn_distance"] < out["threshold"]).mean())
+    assert out["fraction_below_threshold"] == pytest.approx(3 / 12)
+
+
+def test_pairwise_distances_in_chunks_and_small_sets():
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(10, 3)), rng.normal(size=(7, 3))
+    np.testing.assert_allclose(metrics.pairwise_distances(x, y, chunk=3), brute_distances(x, y), atol=1e-9)
+    mu, sigma = metrics.feature_stats(x[:2])  # two rows are enough for a covariance
+    assert mu.shape == (3,) and sigma.shape == (3, 3)
+    with pytest.raises(ValueError, match="feature statistics differ in shape"):
+        metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(3))
