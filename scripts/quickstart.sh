@@ -52,7 +52,7 @@ GPT_EXTRA_ARGS=${GPT_EXTRA_ARGS:-}
 # sampling
 SAMPLES_PER_CLASS=${SAMPLES_PER_CLASS:-25}
 CFG_SCALE=${CFG_SCALE:-2.0}
-TEMPERATURE=${TEMPERATURE:-0.7}                   # < 1 sharpens: class accuracy 0.97 at 0.7 vs 0.58 at 1.0 (64 samples)
+TEMPERATURE=${TEMPERATURE:-0.5}                   # < 1 sharpens; 0.5 gave no broken samples (docs/QUICKSTART.md)
 SAMPLE_EXTRA_ARGS=${SAMPLE_EXTRA_ARGS:-}
 # evaluation
 CLASSIFIER_EPOCHS=${CLASSIFIER_EPOCHS:-15}               # 15 reached 1.0 val accuracy on the demo data
