@@ -171,8 +171,9 @@ def test_huggingface_datasets_never_shadows_ours(setup, tmp_path, how):
         f"sys.argv = {argv!r}\n"
         "runpy.run_module('datasets.text_features', run_name='__main__', alter_sys=True)\n"
     )
-    if how.startswith("python -m"):
+    if how.startswith("python -m"):  # (scripts/test.sh runs pytest with PYTHONSAFEPATH set: not this case)
         env, cwd = {**os.environ, "PYTHONPATH": str(site)}, REPO
+        env.pop("PYTHONSAFEPATH", None)
     else:
         env, cwd = {**os.environ, "PYTHONPATH": f"{REPO}:{site}", "PYTHONSAFEPATH": "1"}, tmp_path
     env["OMP_NUM_THREADS"] = "1"
