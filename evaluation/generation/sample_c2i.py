@@ -114,6 +114,17 @@ def _file_id(path) -> list:
     return [str(p), st.st_size, st.st_mtime_ns]
 
 
+def rank_share(args, N: int, rank: int, world_size: int, device):
+    """DiT-style sharding: rank r takes indices r, r + world, ... in batches, with its own seed.
+    Returns (generator, this rank's indices, its batches)."""
+    seed = args.global_seed * world_size + rank
+    torch.manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed)
+    mine = list(range(rank, N, world_size))
+    batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
+    return generator, mine, batches
+
+
 def run_id(labels: list[int], *files) -> str:
     """Short hash of the labels and of the files' identities (path, size, mtime): what the PNGs depend on
     beyond the settings spelled out in the run name."""
@@ -279,12 +290,7 @@ def main(args):
     if rank == 0:
         print(f"sampling {N} images of {num_classes} classes into {run_dir} ({world_size} processes, {weights} weights)", flush=True)
 
-    # DiT-style sharding: rank r takes indices r, r + world, ...; its own seed.
-    seed = args.global_seed * world_size + rank
-    torch.manual_seed(seed)
-    generator = torch.Generator(device).manual_seed(seed)
-    mine = list(range(rank, N, world_size))
-    batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
+    generator, mine, batches = rank_share(args, N, rank, world_size, device)
     generated = 0
     for batch in tqdm(batches, desc="sampling", disable=rank != 0, dynamic_ncols=True):
         todo = [i for i in batch if not paths[i].exists()]

@@ -31,7 +31,7 @@ from datasets.code_dataset import find_code_metadata
 from datasets.files import write_png
 from datasets.metadata import read_metadata, whole_number, write_metadata
 from datasets.text_features import HFTextEncoder, WordCaptions, caption_of, pad_captions
-from evaluation.generation.sample_c2i import decode, read_samples, run_name, save_samples
+from evaluation.generation.sample_c2i import decode, rank_share, read_samples, run_id, run_name, save_samples
 from models.distributed import barrier, is_dist, setup_distributed
 from models.generate import CFG_SCHEDULES, generate
 from models.gpt import load_gpt
@@ -149,8 +149,11 @@ def main(args):
     del ckpt
     prompts, rows = read_prompts(args)
     image_size = args.image_size or vq.img_size
-    run_dir = Path(args.sample_dir) / run_name(args, args.gpt_ckpt, args.vq_ckpt, image_size, weights)
     N = len(prompts)
+    # Like sample_c2i: the name also holds the count, world size and a hash of the prompts and weights,
+    # so a rerun with other prompts never reuses stale PNGs.
+    data_id = run_id(prompts, args.prompts, args.test_data_path, args.gpt_ckpt, args.vq_ckpt)
+    run_dir = Path(args.sample_dir) / run_name(args, args.gpt_ckpt, args.vq_ckpt, image_size, weights, N, world_size, data_id)
     width = max(6, len(str(N - 1)))
     paths = [run_dir / f"{i:0{width}d}.png" for i in range(N)]
     if rank == 0:
@@ -159,12 +162,7 @@ def main(args):
               f"{weights} weights; prompts encoded with {encoder.what})"
               + (f"; words not seen in training (ignored as <unk>): {unknown}" if unknown else ""), flush=True)
 
-    # As sample_c2i: rank r takes indices r, r + world, ... with its own seed.
-    seed = args.global_seed * world_size + rank
-    torch.manual_seed(seed)
-    generator = torch.Generator(device).manual_seed(seed)
-    mine = list(range(rank, N, world_size))
-    batches = [mine[i:i + args.per_proc_batch_size] for i in range(0, len(mine), args.per_proc_batch_size)]
+    generator, mine, batches = rank_share(args, N, rank, world_size, device)
     generated = 0
     for batch in tqdm(batches, desc="sampling", disable=rank != 0, dynamic_ncols=True):
         todo = [i for i in batch if not paths[i].exists()]
