@@ -1,7 +1,9 @@
 """batch_infer.py on real files (pydicom, pydicom-data, nibabel) and bad inputs, with a tiny random MedITok.
 
-The expected outputs are the tokenizer's own results on each row's image, computed here one image at a
-time; the pipeline must write exactly those, under the mirrored path, whatever the batch size.
+The expected outputs are the tokenizer's results on each row's image, where the image is made here
+independently of datasets/ (read by PIL / numpy / pydicom / SimpleITK / nibabel, scaled, oriented and
+resized by the documented formulas written out below); the pipeline must write exactly those, under the
+mirrored path, whatever the batch size.
 """
 import json
 import os
@@ -16,11 +18,11 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from pydicom.data import get_testdata_file
 
 import batch_infer
-from datasets.image_dataset import ImageDataset
 from datasets.metadata import read_metadata, write_metadata
 from models.checkpoint import load_checkpoint
 from models.meditok import build_meditok, save_meditok
@@ -107,11 +109,58 @@ def run(meta, out, ckpt, *extra) -> int:
     return batch_infer.main(args)
 
 
-def expected_codes(model, meta, rows) -> list[torch.Tensor]:
-    ds = ImageDataset(rows, meta_path=meta, image_size=IMAGE_SIZE, channels=model.in_chans)
+def percentile_unit(a) -> np.ndarray:
+    """The readers' 'auto' scaling of data that is neither 8-bit nor windowed: the 0.5 and 99.5
+    percentiles map to 0 and 1, clipped (float32, as the readers compute it)."""
+    a = np.asarray(a).astype(np.float32)
+    lo, hi = np.percentile(a, (0.5, 99.5))
+    return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
+
+
+def reference_image(root: Path, row: dict, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Row -> [3, size, size] in [-1, 1], read with the format's own library, not datasets.readers."""
+    import nibabel as nib
+    import SimpleITK as sitk
+
+    path = Path(row["identifier"])
+    path = path if path.is_absolute() else root / path
+    k = row.get("slice_index")
+    if path.suffix in (".png", ".jpg"):
+        a = np.array(Image.open(path))
+        a = a / np.float32(255) if a.dtype == np.uint8 else percentile_unit(a)
+    elif path.suffix == ".npy":
+        a = percentile_unit(np.load(path))
+    elif path.suffix == ".mha":  # a 2-D CT written as a one-slice MetaImage
+        a = percentile_unit(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))[0])
+    elif path.suffix == ".dcm":  # stored values -> modality units, then the frame
+        ds = pydicom.dcmread(path)
+        a = pydicom.pixels.apply_rescale(ds.pixel_array, ds) if "RescaleSlope" in ds else ds.pixel_array
+        a = percentile_unit(a if k is None else a[k])
+    elif path.suffix == ".nii":  # RAS+ [x, y, z]; radiological display: patient right on the left
+        d = np.asanyarray(nib.as_closest_canonical(nib.load(str(path))).dataobj)
+        if row.get("slice_axis", 0) == 0:  # axial: anterior at the top
+            a = d[:, :, k].T[::-1, ::-1]
+        else:  # coronal, counted from anterior: superior at the top
+            a = d[:, d.shape[1] - 1 - k, :].T[::-1, ::-1]
+        a = percentile_unit(a)
+    else:
+        raise AssertionError(f"no reference for {path}")
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    t = t[None] if t.ndim == 2 else t.permute(2, 0, 1)  # [C, H, W]
+    # 'pad': the long side resized to `size` (bilinear, antialiased), then centred zero padding
+    h, w = t.shape[1:]
+    nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
+    if (nh, nw) != (h, w):
+        t = F.interpolate(t[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    top, left = (size - nh) // 2, (size - nw) // 2
+    t = F.pad(t, (left, size - nw - left, top, size - nh - top)).clamp(0, 1)
+    return t.expand(3, -1, -1) * 2 - 1  # grey replicated to the tokenizer's 3 channels; [0, 1] -> [-1, 1]
+
+
+def expected_codes(model, root, rows) -> list[torch.Tensor]:
     g = model.config.grid_size(IMAGE_SIZE)
     with torch.no_grad():
-        return [model.img_to_idx(ds[i]["image"][None])[0].reshape(model.num_codebooks, g, g) for i in range(len(ds))]
+        return [model.img_to_idx(reference_image(root, r)[None])[0].reshape(model.num_codebooks, g, g) for r in rows]
 
 
 def test_codes_metadata_and_failures(tmp_path, tokenizer, data):
@@ -124,7 +173,7 @@ def test_codes_metadata_and_failures(tmp_path, tokenizer, data):
     assert [r["identifier"] for r in written] == [r["identifier"] for r in good]  # only successes, in order
     for w, g in zip(written, good):  # every other field kept
         assert all(str(w[k]) == str(v) for k, v in g.items())
-    for w, codes in zip(written, expected_codes(model, meta, good)):
+    for w, codes in zip(written, expected_codes(model, root, good)):
         path = out / w["code_identifier"]
         assert path.resolve().is_relative_to(out.resolve())
         saved = load_checkpoint(path)
@@ -158,7 +207,7 @@ def test_batch_size_one_and_latent_inverse(tmp_path, tokenizer, data):
     assert not (tmp_path / "c1" / "failures.jsonl").exists()
     rows = read_metadata(tmp_path / "l5" / "good.jsonl")
     assert len(rows) == len(good)
-    for row, codes in zip(rows, expected_codes(model, meta, good)):
+    for row, codes in zip(rows, expected_codes(model, root, good)):
         latent = load_checkpoint(tmp_path / "l5" / row["code_identifier"])
         assert latent.dtype == torch.float32 and latent.shape == (model.vocab_width, 4, 4)
         assert torch.equal(model.latent_to_idx(latent[None])[0].reshape(codes.shape), codes)
@@ -171,18 +220,18 @@ def test_vector_and_image_outputs(tmp_path, tokenizer, data):
     small = root / "small.json"
     write_metadata(good[:3], small)
     assert run(small, tmp_path / "v", ckpt, "--infer_type", "vector", "--batch_size", "2") == 0
-    ds = ImageDataset(good[:3], meta_path=small, image_size=IMAGE_SIZE)
+    images = [reference_image(root, r) for r in good[:3]]
     for i, row in enumerate(read_metadata(tmp_path / "v" / "small.json")):
         vec = load_checkpoint(tmp_path / "v" / row["code_identifier"])
         with torch.no_grad():
-            torch.testing.assert_close(vec, model.encode_image(ds[i]["image"][None])[0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(vec, model.encode_image(images[i][None])[0], rtol=1e-4, atol=1e-5)
     assert run(small, tmp_path / "i", ckpt, "--infer_type", "image", "--batch_size", "2") == 0
     rows = read_metadata(tmp_path / "i" / "small.json")
     for i, row in enumerate(rows):
         assert row["code_identifier"].endswith(".png")
         png = np.array(Image.open(tmp_path / "i" / row["code_identifier"]))
         with torch.no_grad():
-            rec = model.img_to_reconstructed_img(ds[i]["image"][None])[0]
+            rec = model.img_to_reconstructed_img(images[i][None])[0]
         expected = ((rec + 1) / 2 * 255).round().permute(1, 2, 0).numpy()
         assert png.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and np.abs(png - expected).max() <= 1
 
