@@ -121,6 +121,26 @@ def test_precision_recall_known_answers():
     assert metrics.precision_recall(real, fake, k=2)["precision"] == 0.75
 
 
+def test_knn_radii_equal_a_brute_force_sort():
+    # 600 points and k up to half of them: numpy's partition sorts small blocks completely (a wrong
+    # partition index still lands on the right value there), so the k-th neighbour is checked where the
+    # blocks no longer cover it. Random points: the k-th and (k+1)-th distances differ on almost every row.
+    x = gaussian(600, 3, 31)
+    brute = np.sort(np.linalg.norm(x[:, None] - x[None], axis=-1), axis=1)[:, 1:]  # column 0: the point itself
+    for k in (1, 2, 3, 7, 24, 150, 300, 599):
+        np.testing.assert_allclose(metrics.knn_radii(x, k), brute[:, k - 1], rtol=1e-9, atol=1e-9)
+
+
+def test_a_query_on_a_ball_boundary_is_covered():
+    # Closed k-NN balls (distance <= radius, as in improved precision/recall); whole numbers on a line
+    # give exact distances. k = 1 radii of 0, 1, 3, 6: 1, 1, 2, 3.
+    manifold = np.array([[0.0], [1.0], [3.0], [6.0]])
+    query = np.array([[9.0], [10.0], [-1.0], [-1.5], [5.0]])
+    assert metrics.knn_radii(manifold, 1).tolist() == [1.0, 1.0, 2.0, 3.0]
+    # 9 and -1 lie exactly on the balls of 6 and 0; 10 and -1.5 just outside every ball
+    assert metrics.manifold_coverage(manifold, query, 1).tolist() == [True, False, True, False, True]
+
+
 def test_near_duplicate_reference_shrinks_the_k_nn_balls():
     """Why a reference of consecutive slices/frames gives precision ~0 at small k: each point's k nearest
     neighbours are its own near-copies, so the balls are tiny and even new real data falls outside them."""
