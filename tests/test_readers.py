@@ -512,3 +512,242 @@ def test_analyze_volume_matches_nibabel(tmp_path):
         for k in (0, 2, 4):
             expected = canon[:, :, k].T[::-1, ::-1]  # axial, radiological
             np.testing.assert_allclose(read_image(path, k, intensity="minmax")[..., 0], minmax(expected), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# PIL modes and resizing against PIL's own conversion and resampling
+# ----------------------------------------------------------------------------------------------
+def pil_rgb_file(tmp_path, mode: str, ext: str, **save) -> Path:
+    """A small colourful image saved in PIL `mode`; PIL must reopen it in that mode."""
+    rng = np.random.default_rng(11)
+    rgb = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8))
+    im = rgb.convert("P").convert("PA") if mode == "PA" else rgb.convert(mode)
+    path = tmp_path / f"{mode}{ext}"
+    im.save(path, **save)
+    with Image.open(path) as back:
+        assert back.mode == mode, (mode, back.mode)
+    return path
+
+
+@pytest.mark.parametrize("mode, ext", [("P", ".png"), ("P", ".gif"), ("PA", ".tif"), ("CMYK", ".jpg"),
+                                       ("CMYK", ".tif"), ("YCbCr", ".tif"), ("LAB", ".tif")])
+def test_colour_modes_are_pils_rgb(tmp_path, mode, ext):
+    path = pil_rgb_file(tmp_path, mode, ext)
+    with Image.open(path) as im:
+        expected = np.array(im.convert("RGB")) / 255.0  # PIL's own conversion
+    np.testing.assert_allclose(read_image(path), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["1", "LA"])
+def test_bilevel_and_grey_alpha_are_pils_grey(tmp_path, mode):
+    path = pil_rgb_file(tmp_path, mode, ".png")
+    with Image.open(path) as im:
+        expected = np.array(im.convert("L")) / 255.0
+    got = read_image(path)
+    assert got.shape == expected.shape + (1,)
+    np.testing.assert_allclose(got[..., 0], expected, atol=1e-6)
+
+
+def test_transparent_palette_reads_without_warnings(tmp_path):
+    import warnings
+
+    rng = np.random.default_rng(12)
+    im = Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).convert("P")
+    im.save(tmp_path / "t.png", transparency=3)  # palette entry 3 is transparent
+    with Image.open(tmp_path / "t.png") as back:
+        assert back.mode == "P" and "transparency" in back.info
+        expected = np.array(back.convert("RGBA"))[..., :3] / 255.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns when such a palette is converted to RGB instead of RGBA
+        np.testing.assert_allclose(read_image(tmp_path / "t.png"), expected, atol=1e-6)
+
+
+def pil_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """PIL's bilinear resampling of a float image (antialiased when shrinking)."""
+    return np.array(Image.fromarray(x.astype(np.float32), mode="F").resize((w, h), Image.BILINEAR))
+
+
+def test_resize_matches_pil_bilinear(tmp_path):
+    rng = np.random.default_rng(13)
+    x = rng.random((60, 45)).astype(np.float32)  # floats in [0, 1]: read unchanged
+    np.save(tmp_path / "x.npy", x)
+    for size in (32, 12, 90):  # shrink (antialiased) and enlarge
+        got = read_image(tmp_path / "x.npy", image_size=size, fit="stretch")[..., 0]
+        np.testing.assert_allclose(got, np.clip(pil_resize(x, size, size), 0, 1), atol=1e-5)
+    # pad: the long side to 32 (60 x 45 -> 32 x 24), centred in zeros (4 columns each side)
+    got = read_image(tmp_path / "x.npy", image_size=32, fit="pad")[..., 0]
+    np.testing.assert_allclose(got, np.pad(np.clip(pil_resize(x, 32, 24), 0, 1), ((0, 0), (4, 4))), atol=1e-5)
+    # crop: the central 45 x 45 square (rows 7..51), then to 32
+    got = read_image(tmp_path / "x.npy", image_size=32, fit="crop")[..., 0]
+    np.testing.assert_allclose(got, np.clip(pil_resize(x[7:52], 32, 32), 0, 1), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Array shapes, the format registry and header probes (cases found by scripts/mutation.sh)
+# ----------------------------------------------------------------------------------------------
+def test_array_layouts_are_read_as_numpy_holds_them(tmp_path):
+    rng = np.random.default_rng(14)
+    grey = rng.integers(0, 256, (6, 5), dtype=np.uint8)
+    for name, arr in (("lead.npy", grey[None]), ("trail.npy", grey[..., None])):  # [1, H, W], [H, W, 1]
+        np.save(tmp_path / name, arr)
+        np.testing.assert_allclose(read_image(tmp_path / name)[..., 0], grey / 255.0, atol=1e-6)
+    np.save(tmp_path / "column.npy", grey[:, :1])  # [H, 1]: an image one pixel wide, not a 1-D array
+    np.testing.assert_allclose(read_image(tmp_path / "column.npy")[..., 0], grey[:, :1] / 255.0, atol=1e-6)
+    np.save(tmp_path / "mask.npy", grey > 128)  # bool: True is white
+    np.testing.assert_array_equal(read_image(tmp_path / "mask.npy")[..., 0], (grey > 128).astype(np.float32))
+    rgba = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)  # alpha dropped
+    np.save(tmp_path / "rgba.npy", rgba)
+    np.testing.assert_allclose(read_image(tmp_path / "rgba.npy"), rgba[..., :3] / 255.0, atol=1e-6)
+    frames = rng.integers(0, 256, (2, 6, 5, 3), dtype=np.uint8)  # colour frames [D, H, W, 3]
+    np.save(tmp_path / "frames.npy", frames)
+    assert volume_shape(tmp_path / "frames.npy") == (2, 6, 5)
+    np.testing.assert_allclose(read_image(tmp_path / "frames.npy", 1), frames[1] / 255.0, atol=1e-6)
+    Image.fromarray(grey[:, :4]).save(tmp_path / "four.png")  # a grey PNG 4 pixels wide keeps 4 columns
+    np.testing.assert_allclose(read_image(tmp_path / "four.png")[..., 0], grey[:, :4] / 255.0, atol=1e-6)
+    for name, arr in (("line.npy", grey[0]), ("five.npy", np.zeros((2, 2, 2, 2, 2)))):
+        np.save(tmp_path / name, arr)
+        with pytest.raises(ReadError, match=rf"{name}: array of shape \({', '.join(map(str, arr.shape))},?\) "
+                                            "is not an image or volume"):
+            read_image(tmp_path / name, slice_index=0)
+
+
+def test_one_slice_volumes_and_colour_stacks(tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(15)
+    data = rng.integers(0, 3000, (8, 6, 1)).astype(np.int16)  # [x, y, z] with one axial slice
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "one.nii")
+    canon = np.asanyarray(nib.as_closest_canonical(nib.load(str(tmp_path / "one.nii"))).dataobj)
+    expected = canon[:, :, 0].T[::-1, ::-1].astype(np.float64)  # radiological axial view
+    got = read_image(tmp_path / "one.nii", intensity="minmax")[..., 0]  # a 2-D image: no slice_index needed
+    np.testing.assert_allclose(got, minmax(expected), atol=1e-5)
+    assert volume_shape(tmp_path / "one.nii") is None
+    # multi-page colour TIFF: pages are RGB slices; grey pages 4 pixels wide are neither colour nor alpha
+    pages = rng.integers(0, 256, (3, 6, 5, 3), dtype=np.uint8)
+    Image.fromarray(pages[0]).save(tmp_path / "rgb.tif", save_all=True, append_images=[Image.fromarray(p) for p in pages[1:]])
+    np.testing.assert_allclose(read_image(tmp_path / "rgb.tif", 2), pages[2] / 255.0, atol=1e-6)
+    thin = rng.integers(0, 256, (2, 6, 4), dtype=np.uint8)
+    Image.fromarray(thin[0]).save(tmp_path / "thin.tif", save_all=True, append_images=[Image.fromarray(thin[1])])
+    np.testing.assert_allclose(read_image(tmp_path / "thin.tif", 1)[..., 0], thin[1] / 255.0, atol=1e-6)
+    # one page among several: the cap counts that page only
+    assert read_image(tmp_path / "rgb.tif", 1, max_pixels=6 * 5).shape == (6, 5, 3)
+    with pytest.raises(ReadError, match="exceed the limit"):
+        read_image(tmp_path / "rgb.tif", 1, max_pixels=6 * 5 - 1)
+
+
+def test_single_images_are_not_volumes(tmp_path):
+    rng = np.random.default_rng(16)
+    rgb = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    for name in ("a.png", "a.jpg", "a.bmp"):  # JPEG and BMP have no frame count
+        Image.fromarray(rgb).save(tmp_path / name)
+        assert volume_shape(tmp_path / name) is None
+        assert read_image(tmp_path / name, max_pixels=30).shape == (6, 5, 3)  # exactly at the cap
+        with pytest.raises(ReadError, match=f"{name}: 30 pixels .* limit of 29"):
+            read_image(tmp_path / name, max_pixels=29)
+
+
+def test_npz_keys(tmp_path):
+    rng = np.random.default_rng(17)
+    image, mask = rng.random((6, 5)).astype(np.float32), np.zeros((6, 5), np.float32)
+    np.savez(tmp_path / "two.npz", mask=mask, image=image)  # 'image' is the image among several
+    np.testing.assert_array_equal(read_image(tmp_path / "two.npz")[..., 0], image)
+    np.savez(tmp_path / "alone.npz", image)  # a single array under numpy's own name (arr_0)
+    np.testing.assert_array_equal(read_image(tmp_path / "alone.npz")[..., 0], image)
+    np.savez(tmp_path / "neither.npz", a=image, b=mask)
+    with pytest.raises(ReadError, match=r"neither.npz: .npz holds \['a', 'b'\]; store the image under the key"):
+        read_image(tmp_path / "neither.npz")
+
+
+def test_header_probes_speak_before_broken_data(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    # .npy format 2.0 header promising 1e10 values, and no data
+    with open(tmp_path / "big2.npy", "wb") as f:
+        np.lib.format.write_array_header_2_0(f, {"descr": "<f4", "fortran_order": False, "shape": (100000, 100000)})
+    with pytest.raises(ReadError, match="big2.npy: 10,000,000,000 pixels"):
+        read_image(tmp_path / "big2.npy")
+    # NRRD with a detached data file that is cut short: the header's size is refused first
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 30, 40), np.int16)), str(tmp_path / "v.nhdr"))
+    raw = next(p for p in tmp_path.iterdir() if p.name.startswith("v.") and p.suffix != ".nhdr")
+    raw.write_bytes(raw.read_bytes()[:100])
+    with pytest.raises(ReadError, match=r"v.nhdr: 4,800 pixels .* limit of 1,000"):
+        read_image(tmp_path / "v.nhdr", 0, max_pixels=1000)
+    with pytest.raises(ReadError, match="v.nhdr: SimpleITK could not read it"):
+        read_image(tmp_path / "v.nhdr", 0)
+
+
+def test_registered_extensions_and_probes(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "FORMATS", dict(readers.FORMATS))
+    monkeypatch.setattr(readers, "PROBES", dict(readers.PROBES))
+    calls = []
+
+    def probe(path, frame=None):
+        calls.append(Path(path).name)
+        return (6, 5)
+
+    @register_format("ZZQ", probe=probe)  # no dot, upper case: registered as ".zzq"
+    def read_zzq(path, frame=None):
+        return torch.full((6, 5), 0.5)  # a handler may return a torch tensor
+
+    assert readers.FORMATS[".zzq"] is read_zzq and readers.PROBES[read_zzq] is probe
+    (tmp_path / "X.ZzQ").write_bytes(b"")
+    np.testing.assert_allclose(read_image(tmp_path / "X.ZzQ")[..., 0], 0.5)
+    assert calls == ["X.ZzQ"]
+    (tmp_path / "azzq").write_bytes(b"")  # the extension is a suffix after a dot, not any ending
+    with pytest.raises(ReadError, match="azzq: unsupported file type"):
+        read_image(tmp_path / "azzq")
+    # the longest registered suffix wins (".a.nii" over ".nii", though ".nii" sorts after it)
+    register_format(".a.nii")(read_zzq)
+    (tmp_path / "scan.a.nii").write_bytes(b"")
+    assert readers.find_handler(tmp_path / "scan.a.nii") is read_zzq
+    assert readers.find_handler(tmp_path / "scan.nii") is readers.read_nifti
+    # without an extension only a DICOM preamble makes a file DICOM
+    (tmp_path / "notes").write_bytes(b"x" * 200)
+    with pytest.raises(ReadError, match="notes: unsupported file type"):
+        read_image(tmp_path / "notes")
+    assert not readers.is_dicom_file(tmp_path / "missing") and not readers.is_dicom_file(tmp_path)
+
+
+def test_scaling_edge_cases(tmp_path):
+    # one bright pixel: the 0.5..99.5 percentiles coincide, so min..max is used instead
+    x = np.zeros((20, 20), np.int16)
+    x[3, 4] = 1000
+    np.save(tmp_path / "dot.npy", x)
+    np.testing.assert_array_equal(read_image(tmp_path / "dot.npy")[..., 0], (x > 0).astype(np.float32))
+    np.save(tmp_path / "flat.npy", np.full((5, 4), 700, np.int16))  # constant: 0 everywhere
+    np.testing.assert_array_equal(read_image(tmp_path / "flat.npy"), np.zeros((5, 4, 1), np.float32))
+    # explicit percentiles reach the scaling
+    y = np.random.default_rng(18).normal(size=(30, 20))
+    np.save(tmp_path / "y.npy", y)
+    lo, hi = np.percentile(y, (10, 90))
+    np.testing.assert_allclose(read_image(tmp_path / "y.npy", intensity="percentile", percentiles=(10, 90))[..., 0],
+                               np.clip((y - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # large images: percentiles of a strided subsample of at most 512 x 512 values (1024 x 4096: every 4th)
+    big = np.random.default_rng(19).random((1024, 4096)).astype(np.float32) * 1000
+    np.save(tmp_path / "big.npy", big)
+    lo, hi = np.percentile(big[::4, ::4], (0.5, 99.5))
+    got = read_image(tmp_path / "big.npy")[..., 0]
+    np.testing.assert_allclose(got[:8, :8], np.clip((big[:8, :8] - lo) / (hi - lo), 0, 1), atol=1e-6)
+
+
+def test_channels_fit_and_window_names(tmp_path):
+    rng = np.random.default_rng(20)
+    grey = rng.integers(0, 256, (3, 7), dtype=np.uint8)  # 3 rows: the row count is not a channel count
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    three = read_image(tmp_path / "g.png", channels=3)
+    assert three.shape == (3, 7, 3) and np.array_equal(three[..., 0], three[..., 2])
+    Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    with pytest.raises(ReadError, match="cannot turn a 3-channel image into 4 channels"):
+        read_image(tmp_path / "c.png", channels=4)
+    with pytest.raises(ReadError, match=r"fit 'zoom' is not one of \('pad', 'crop', 'stretch'\)"):
+        read_image(tmp_path / "c.png", image_size=8, fit="zoom")
+    # a tall strip: one centred column survives the resize to 8 x 8 (never fewer than one pixel)
+    Image.fromarray(np.full((200, 1), 255, np.uint8)).save(tmp_path / "tall.png")
+    strip = read_image(tmp_path / "tall.png", image_size=8)[..., 0]
+    np.testing.assert_allclose(strip[:, 3], 1.0, atol=1e-6)
+    assert np.delete(strip, 3, axis=1).max() == 0.0
+    with pytest.raises(ReadError, match=r"needs a slice_index \(and optionally slice_axis\) in its metadata row"):
+        read_image(NIBABEL_DATA / "anatomical.nii")
+    # the file's own windows print as they are written, and read back
+    for spelling in ("file", "file:1", "file:BRAIN"):
+        window = readers.parse_window(spelling)
+        assert str(window) == spelling and readers.parse_window(str(window)) == window
