@@ -10,10 +10,12 @@
 # working tree. Needs mutmut in the venv (`pip install mutmut`, a developer tool outside requirements.txt).
 # Afterwards: cd $MUTATION_DIR && mutmut results (the survivors) / mutmut show NAME (a survivor's diff).
 # Environment: JOBS (parallel mutants, default 1), MUTATION_DIR, MARK (a pytest -m expression, e.g.
-# MARK="not slow" to leave out the slow tests, which otherwise rerun for every mutant they reach).
+# MARK="not slow" to leave out the slow tests, which otherwise rerun for every mutant they reach), MUTANTS
+# (mutant name globs to run only some functions of a big module, e.g. MUTANTS='models.gpt.x_condition_mask*
+# models.gpt.xǁAttentionǁ*'; mutmut names methods module.xǁClassǁmethod__mutmut_N).
 set -euo pipefail
 if [ $# -lt 2 ]; then
-    sed -n '2,12p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
 fi
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -55,5 +57,8 @@ EOF
 cd "$work"
 echo "mutating $module with $* in $work"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mutmut run --max-children "${JOBS:-1}" || true
+# shellcheck disable=SC2086  # MUTANTS is a list of globs for mutmut, not for the shell
+set -f
+mutmut run --max-children "${JOBS:-1}" ${MUTANTS:-} || true
+set +f
 mutmut results
