@@ -751,3 +751,146 @@ def test_channels_fit_and_window_names(tmp_path):
     for spelling in ("file", "file:1", "file:BRAIN"):
         window = readers.parse_window(spelling)
         assert str(window) == spelling and readers.parse_window(str(window)) == window
+
+
+def test_pixel_cap_counts_colour_once_and_every_voxel(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    rng = np.random.default_rng(21)
+    for name, shape in (("rgb.npy", (6, 5, 3)), ("rgba.npy", (6, 5, 4))):  # colour counts H x W
+        np.save(tmp_path / name, rng.integers(0, 256, shape, dtype=np.uint8))
+        assert read_image(tmp_path / name, max_pixels=30).shape == (6, 5, 3)
+        with pytest.raises(ReadError, match=f"{name}: 30 pixels"):
+            read_image(tmp_path / name, max_pixels=29)
+    # a grey volume 3 voxels wide is not colour: all 60 voxels count, also when read again from the cache
+    sitk.WriteImage(sitk.GetImageFromArray(rng.integers(0, 1000, (4, 5, 3)).astype(np.int16)), str(tmp_path / "v.nrrd"))
+    with pytest.raises(ReadError, match=r"v.nrrd: 60 pixels \(shape \(4, 5, 3\)\)"):
+        read_image(tmp_path / "v.nrrd", 1, max_pixels=59)
+    assert read_image(tmp_path / "v.nrrd", 1).shape == (5, 3, 1)  # decoded and cached
+    with pytest.raises(ReadError, match=r"v.nrrd: 60 pixels"):
+        read_image(tmp_path / "v.nrrd", 1, max_pixels=59)
+    # a DICOMDIR's series is capped too
+    dicomdir = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "DICOMDIR"
+    uid = str(pydicom.dcmread(next((dicomdir.parent / "77654033" / "CT2").iterdir()), stop_before_pixels=True)
+              .SeriesInstanceUID)
+    assert read_image(dicomdir, 0, series_uid=uid, max_pixels=16 * 16).shape == (16, 16, 1)
+    with pytest.raises(ReadError, match="exceed the limit"):
+        read_image(dicomdir, 0, series_uid=uid, max_pixels=16 * 16 - 1)
+    # formats without a header probe are checked once decoded
+    torch.save(torch.rand(6, 5), tmp_path / "t.pt")
+    with pytest.raises(ReadError, match=r"t.pt: 30 pixels .* limit of 29"):
+        read_image(tmp_path / "t.pt", max_pixels=29)
+
+
+def test_volume_cache_tells_files_apart(tmp_path):
+    rng = np.random.default_rng(22)
+    a, b = (rng.integers(0, 4000, (3, 6, 5)).astype(np.int16) for _ in range(2))
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    stamp = (tmp_path / "a.npy").stat().st_mtime_ns
+    os.utime(tmp_path / "b.npy", ns=(stamp, stamp))  # same size and time stamp: only the name differs
+    for name, vol in (("a.npy", a), ("b.npy", b), ("a.npy", a)):
+        x = vol[1].astype(np.float64)
+        np.testing.assert_allclose(read_image(tmp_path / name, 1, intensity="minmax")[..., 0],
+                                   (x - x.min()) / (x.max() - x.min()), atol=1e-6)
+
+
+def test_window_and_index_spellings(tmp_path):
+    assert readers.parse_window("40:80") == readers.parse_window("40,80") == (40.0, 80.0)
+    assert readers.parse_window("40,1") == (40.0, 1.0)  # narrow but valid
+    for bad in ("40,0", "40,-5"):
+        with pytest.raises(ReadError, match="window width must be positive, got"):
+            readers.parse_window(bad)
+    with pytest.raises(ReadError, match=r"window 'spleen' is neither a preset \(brain, subdural, "):
+        readers.parse_window("spleen")
+    with pytest.raises(ReadError, match="slice_index 'abc' is not an integer"):
+        readers.parse_index("abc")
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ReadError, match="pipe.png: not a file"):
+        read_image(fifo)
+    (tmp_path / "trunc.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    with pytest.raises(ReadError, match=r"trunc.png: could not read \([A-Za-z]+Error: "):
+        read_image(tmp_path / "trunc.png")
+
+
+def test_intensity_modes_follow_their_formulas(tmp_path, monkeypatch):
+    rng = np.random.default_rng(23)
+    # intensity='window' windows any data, also MR; the formula is clip((x - (level - width / 2)) / width)
+    path = dcm("MR_small.dcm")
+    ds = pydicom.dcmread(path)
+    mr = ds.pixel_array.astype(np.float64)
+    np.testing.assert_allclose(read_image(path, window=(600, 800), intensity="window")[..., 0],
+                               np.clip((mr - 200) / 800, 0, 1), atol=1e-6)
+    with pytest.raises(ReadError, match="MR_small.dcm: intensity 'window' needs a window"):
+        read_image(path, intensity="window")
+    with pytest.raises(ReadError, match=r"intensity 'gamma' is not one of \('auto'"):
+        read_image(path, intensity="gamma")
+    # the file's own window under intensity='window' too, and inverted for MONOCHROME1
+    ct = pydicom.dcmread(dcm("CT_small.dcm"))
+    ct.WindowCenter, ct.WindowWidth = 40, 400
+    ct.save_as(tmp_path / "m2.dcm")
+    ct.PhotometricInterpretation = "MONOCHROME1"
+    ct.save_as(tmp_path / "m1.dcm")
+    m2 = read_image(tmp_path / "m2.dcm", window="file")
+    np.testing.assert_array_equal(read_image(tmp_path / "m2.dcm", window="file", intensity="window"), m2)
+    np.testing.assert_allclose(read_image(tmp_path / "m1.dcm", window="file"), 1.0 - m2, atol=1e-6)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "z.png")
+    with pytest.raises(ReadError, match="z.png: window 'file' asks for the file's own window, which only DICOM "
+                                        "files record"):
+        read_image(tmp_path / "z.png", window="file")
+    # unit: 8-bit / 255, anything else clipped to [0, 1]
+    u8 = rng.integers(0, 256, (5, 4), dtype=np.uint8)
+    Image.fromarray(u8).save(tmp_path / "u8.png")
+    np.testing.assert_allclose(read_image(tmp_path / "u8.png", intensity="unit")[..., 0], u8 / 255.0, atol=1e-6)
+    f = rng.uniform(-0.5, 1.5, (5, 4)).astype(np.float32)
+    np.save(tmp_path / "f.npy", f)
+    np.testing.assert_allclose(read_image(tmp_path / "f.npy", intensity="unit")[..., 0], np.clip(f, 0, 1), atol=1e-6)
+    # auto: floats within [0, 1], ends included, are kept; floats beyond are scaled by percentiles
+    g = rng.random((6, 5)).astype(np.float32)
+    g[0, 0], g[0, 1] = 0.0, 1.0
+    np.save(tmp_path / "g.npy", g)
+    np.testing.assert_array_equal(read_image(tmp_path / "g.npy")[..., 0], g)
+    np.save(tmp_path / "g15.npy", g * 1.5)
+    lo, hi = np.percentile(g * 1.5, (0.5, 99.5))
+    np.testing.assert_allclose(read_image(tmp_path / "g15.npy")[..., 0], np.clip((g * 1.5 - lo) / (hi - lo), 0, 1),
+                               atol=1e-5)
+    lo, hi = np.percentile(g * 1.5, (10, 90))  # percentiles reach 'auto' too
+    np.testing.assert_allclose(read_image(tmp_path / "g15.npy", percentiles=(10, 90))[..., 0],
+                               np.clip((g * 1.5 - lo) / (hi - lo), 0, 1), atol=1e-5)
+    # NaN and -inf become the smallest finite value, +inf the largest
+    h = np.array([[np.nan, 10.0, 12.0], [14.0, np.inf, -np.inf]], np.float32)
+    np.save(tmp_path / "h.npy", h)
+    np.testing.assert_allclose(read_image(tmp_path / "h.npy", intensity="minmax")[..., 0],
+                               [[0.0, 0.0, 0.5], [1.0, 1.0, 0.0]], atol=1e-6)
+    # a handler's bit depth: 8 stored bits in a wider integer type are divided by 255
+    monkeypatch.setattr(readers, "FORMATS", dict(readers.FORMATS))
+
+    @register_format(".u8in16")
+    def read_u8in16(p, frame=None):
+        return readers.RawImage(u8.astype(np.uint16), bit_depth=8)
+
+    (tmp_path / "x.u8in16").write_bytes(b"")
+    np.testing.assert_allclose(read_image(tmp_path / "x.u8in16")[..., 0], u8 / 255.0, atol=1e-6)
+
+
+def test_odd_slices_and_axis_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(readers, "FORMATS", dict(readers.FORMATS))
+
+    @register_format(".two")
+    def read_two(p, frame=None):  # two channels that are not colour
+        return readers.RawImage(np.zeros((4, 5, 2), np.float32), volume=False, color=False)
+
+    (tmp_path / "x.two").write_bytes(b"")
+    with pytest.raises(ReadError, match=r"x.two: slice of shape \(4, 5, 2\) is neither grey nor RGB"):
+        read_image(tmp_path / "x.two")
+    with pytest.raises(ReadError, match=r"slice_axis 'diagonal' is not one of 0, 1, 2 or \['axial'"):
+        readers.parse_axis("diagonal")
+    with pytest.raises(ReadError, match="slice_axis 5 is not one of 0, 1, 2"):
+        readers.parse_axis(5)
+    with pytest.raises(ReadError, match=r"anatomical.nii: a volume of shape \(25, 41, 33\) needs a slice_index"):
+        read_image(NIBABEL_DATA / "anatomical.nii")
+    # read_image_tensor's own defaults: native size, channels as stored, 'auto' intensity, 'pad'
+    u8 = np.random.default_rng(24).integers(0, 256, (5, 4), dtype=np.uint8)
+    Image.fromarray(u8).save(tmp_path / "u8.png")
+    np.testing.assert_allclose(readers.read_image_tensor(tmp_path / "u8.png")[0].numpy(), u8 / 255.0, atol=1e-6)
+    assert readers.read_image_tensor(tmp_path / "u8.png", image_size=8).shape == (1, 8, 8)
