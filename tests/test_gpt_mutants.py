@@ -204,3 +204,37 @@ def test_too_many_input_positions_are_refused():
         model(codes, torch.tensor([0]))
     assert "16 input positions exceed block_size - 1 = 15" in str(err.value)
     assert model(codes[:, :, :15], torch.tensor([0]))[0].shape == (1, 4, 16, 32)
+
+
+def test_caches_take_the_model_dtype_or_the_given_one():
+    from models.gpt import Transformer
+    model = Transformer(tiny_args(n_output_layer=1)).to(torch.bfloat16)
+    for dtype, expected in ((None, torch.bfloat16), (torch.float64, torch.float64)):
+        model.setup_caches(2, 8, dtype=dtype)
+        for cache in (model.layers[0].attention.kv_cache, model.output.layers[0].attention.kv_cache):
+            assert cache.k_cache.dtype == cache.v_cache.dtype == expected
+        assert model.layers[0].attention.kv_cache.k_cache.shape == (2, 4, 8, 16)  # [B, H_kv, S_max, head_dim]
+        assert model.output.layers[0].attention.kv_cache.k_cache.shape == (2, 4, 4, 16)  # [B, H_kv, K, head_dim]
+        model.clear_caches()
+
+
+@pytest.mark.parametrize("kw", [dict(attn_dropout_p=0.5), dict(drop_path_rate=0.5), dict(class_dropout_prob=0.5)])
+def test_each_dropout_alone_is_active_in_train_mode_only(kw):
+    from models.gpt import Transformer
+    from test_gpt import random_batch, randomize
+    model = randomize(Transformer(tiny_args(**{"class_dropout_prob": 0.0, **kw})))  # tiny_args: no other dropout
+    codes, labels = random_batch(model.config)
+    torch.manual_seed(0)
+    a, b = (model.train()(codes[:, :, :-1], labels, targets=codes)[1] for _ in range(2))
+    c, d = (model.eval()(codes[:, :, :-1], labels, targets=codes)[1] for _ in range(2))
+    assert a != b and c == d
+
+
+def test_condition_errors_are_named():
+    from models.gpt import TokenEmbedder, Transformer
+    with pytest.raises(ValueError, match="codes have 3 codebooks, the model expects 4"):
+        TokenEmbedder(128, 8, 4)(torch.zeros(2, 3, 5, dtype=torch.long))
+    builtin = Transformer(tiny_args(model_type="t2i", cls_token_num=5, caption_dim=24, text_vocab_size=20, text_layers=1))
+    with pytest.raises(ValueError) as err:
+        builtin.embed_condition(torch.randn(2, 5, 24))
+    assert "this t2i model has its own text encoder: cond must be word ids [B, T], not features" in str(err.value)
