@@ -30,6 +30,9 @@ from models.quantizer import MultiCodebookQuantizer
 from models.text_encoder import WordTextEncoder
 
 
+COND_ROTATIONS = ("zero", "identity")
+
+
 def find_multiple(n: int, k: int) -> int:
     return n if n % k == 0 else n + k - (n % k)
 
@@ -68,6 +71,12 @@ class ModelArgs:
 
     vocab_size: int = 16384  # total over codebooks: each codebook has vocab_size // num_codebooks entries
     cls_token_num: int = 1  # condition positions before the image tokens
+    # Rotary rows of the condition positions: "zero" (LlamaGen, the released weights) zeroes their queries
+    # and keys, so attention to them ignores their content: an image token sees the mean of the caption's
+    # positions, where a differing word is diluted by the shared ones. "identity" keeps queries and keys
+    # unrotated: attention picks caption positions by content (word order comes from the text features).
+    # None: "zero" for c2i (one class position: no difference), "identity" for t2i.
+    cond_rotation: Optional[str] = None
     block_size: int = 256  # image positions L = grid_size ** 2
     max_batch_size: int = 32  # kept for config compatibility (caches are sized per generate() call)
     max_seq_len: int = 2048  # kept for config compatibility
@@ -95,6 +104,10 @@ class ModelArgs:
             raise ValueError(f"block_size={self.block_size} is not a square grid (h*w with h == w)")
         if self.cls_token_num < 1:
             raise ValueError(f"cls_token_num={self.cls_token_num} must be at least 1")
+        if self.cond_rotation is None:
+            self.cond_rotation = "identity" if self.model_type == "t2i" else "zero"
+        if self.cond_rotation not in COND_ROTATIONS:
+            raise ValueError(f"cond_rotation={self.cond_rotation!r}: choose from {COND_ROTATIONS}")
         if self.vq_embed_width and (self.vq_embed_vocab_width % self.num_codebooks or self.vq_embed_heads < 1):
             raise ValueError(f"vq_embed_vocab_width={self.vq_embed_vocab_width} must split over num_codebooks="
                              f"{self.num_codebooks} and vq_embed_heads={self.vq_embed_heads} must be >= 1")
@@ -127,11 +140,13 @@ class ModelArgs:
 # ----------------------------------------------------------------------------------------------
 # 2-D rotary embedding
 # ----------------------------------------------------------------------------------------------
-def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int) -> torch.Tensor:
+def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_token_num: int,
+                            cond_rotation: str = "zero") -> torch.Tensor:
     """Rotation table [cls_token_num + grid_size**2, head_dim // 2, 2] holding (cos, sin).
 
     Half of the rotated pairs turn with the row index, half with the column index. The condition
-    positions get an all-zero table (as in LlamaGen), which zeroes their queries and keys.
+    positions get cond_rotation (see ModelArgs): "zero", an all-zero table (as in LlamaGen), which zeroes
+    their queries and keys; "identity", (cos, sin) = (1, 0), which leaves them unrotated.
     Always built on the CPU in float32, whatever the default device (meta builds included).
     """
     quarter = head_dim // 4
@@ -143,6 +158,10 @@ def precompute_freqs_cis_2d(grid_size: int, head_dim: int, base: float, cls_toke
     ).flatten(0, 1)  # [g*g, head_dim // 2]: (row angles, column angles)
     table = torch.stack([torch.cos(grid), torch.sin(grid)], dim=-1)
     cond = torch.zeros(cls_token_num, head_dim // 2, 2, device="cpu")
+    if cond_rotation == "identity":
+        cond[..., 0] = 1.0
+    elif cond_rotation != "zero":
+        raise ValueError(f"cond_rotation={cond_rotation!r}: choose from {COND_ROTATIONS}")
     return torch.cat([cond, table])
 
 
@@ -471,7 +490,8 @@ class Transformer(nn.Module):
 
         # Plain attribute, not a buffer: it stays float32 when the weights are cast, stays out of
         # state dicts, and survives meta-device construction. Moved to the input's device on use.
-        self.freqs_cis = precompute_freqs_cis_2d(config.grid_size, config.head_dim, config.rope_base, config.cls_token_num)
+        self.freqs_cis = precompute_freqs_cis_2d(config.grid_size, config.head_dim, config.rope_base, config.cls_token_num,
+                                                 config.cond_rotation)
         self.initialize_weights()
 
     # -- init ------------------------------------------------------------------------------------
@@ -670,6 +690,7 @@ def infer_config(sd: dict, **overrides) -> dict:
         class_dropout_prob=0.1,
         cls_token_num=1,
         block_size=256,
+        cond_rotation="zero",  # the released and LlamaGen layouts were trained so
     )
     if t2i:
         cfg["cls_token_num"], cfg["caption_dim"] = sd["cls_embedding.uncond_embedding"].shape
@@ -750,6 +771,7 @@ def load_gpt(path, prefer_ema: bool = True, **overrides):
         unknown = sorted(set(cfg) - known)
         if unknown:
             raise CheckpointError(f"{path}: config has fields ModelArgs does not know: {unknown}")
+        cfg.setdefault("cond_rotation", "zero")  # a checkpoint from before the field was trained so
         cfg.update(overrides)
     else:
         cfg = infer_config(sd, **overrides)

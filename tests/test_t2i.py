@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from models.generate import generate, generate_naive
-from models.gpt import Transformer, infer_config, load_gpt
+from models.gpt import ModelArgs, Transformer, apply_rotary_emb, infer_config, load_gpt, precompute_freqs_cis_2d
 from models.text_encoder import WordVocab
 from test_gpt import one_thread, randomize, tiny_args  # noqa: F401 (by basename: torch-fidelity ships a top-level `tests`)
 
@@ -141,8 +141,9 @@ def test_checkpoint_round_trip(tmp_path, builtin):
     inferred = infer_config(model.state_dict(), n_head=model.config.n_head, block_size=model.block_size,
                             multiple_of=model.config.multiple_of)
     assert inferred["model_type"] == "t2i" and inferred["cls_token_num"] == T and inferred["caption_dim"] == CAPTION_DIM
+    assert inferred["cond_rotation"] == "zero"  # the released/LlamaGen layout; ours is told below
     for path, kw in ((ours, {}), (plain, dict(n_head=model.config.n_head, block_size=model.block_size,
-                                               multiple_of=model.config.multiple_of))):
+                                               multiple_of=model.config.multiple_of, cond_rotation="identity"))):
         loaded, _ = load_gpt(path, **kw)
         assert loaded.config.model_type == "t2i" and loaded.config.text_vocab_size == model.config.text_vocab_size
         with torch.no_grad():
@@ -154,6 +155,69 @@ def test_checkpoint_round_trip(tmp_path, builtin):
     torch.save({"config": asdict(model.config), "model": sd}, ours)
     with pytest.raises(Exception, match="uncond_embedding"):
         load_gpt(ours)
+
+
+def test_condition_rotation_rows():
+    """zero: the condition positions' queries and keys become 0 (LlamaGen); identity: they stay as they are.
+    The image positions' rows are the same either way."""
+    zero = precompute_freqs_cis_2d(4, 16, 10000, T, "zero")
+    ident = precompute_freqs_cis_2d(4, 16, 10000, T, "identity")
+    assert zero.shape == ident.shape == (T + 16, 8, 2)
+    assert torch.equal(zero[T:], ident[T:]) and zero[T + 1:].abs().sum() > 0
+    x = torch.randn(2, T + 16, 3, 16)
+    assert torch.equal(apply_rotary_emb(x, zero)[:, :T], torch.zeros(2, T, 3, 16))
+    assert torch.equal(apply_rotary_emb(x, ident)[:, :T], x[:, :T])
+    with pytest.raises(ValueError, match="cond_rotation"):
+        precompute_freqs_cis_2d(4, 16, 10000, T, "none")
+    # Defaults: t2i reads its caption by content; c2i keeps the released table (one class position).
+    assert ModelArgs(model_type="t2i").cond_rotation == "identity" and ModelArgs().cond_rotation == "zero"
+    with pytest.raises(ValueError, match="cond_rotation"):
+        ModelArgs(cond_rotation="half")
+
+
+@pytest.mark.parametrize("rotation", ["zero", "identity"])
+def test_zero_rotation_makes_caption_attention_content_blind(rotation, monkeypatch):
+    """The attention logits of image queries over caption keys: with "zero" they are all exactly 0 (every
+    caption position weighs the same, whatever its words: the caption reaches the image as a mean);
+    with "identity" they depend on the caption positions' content."""
+    import models.gpt as gpt_module
+
+    seen = []
+    sdpa = gpt_module.F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(q @ k.transpose(-1, -2))  # [B, H, S, S] logits before scaling and masking
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(gpt_module.F, "scaled_dot_product_attention", spy)
+    model = randomize(Transformer(t2i_args(cond_rotation=rotation)), seed=5).eval()
+    cond, mask = captions(B=1, lengths=(T,))
+    codes = torch.randint(0, model.config.sub_vocab_size, (1, model.config.num_codebooks, model.block_size))
+    with torch.no_grad():
+        model(codes[:, :, :-1], cond, targets=codes, cond_mask=mask)
+    main_stack = [s for s in seen if s.shape[-1] == T + model.block_size - 1][: model.config.n_layer]
+    assert len(main_stack) == model.config.n_layer
+    for logits in main_stack:
+        image_to_caption = logits[..., T:, :T]
+        if rotation == "zero":
+            assert torch.equal(image_to_caption, torch.zeros_like(image_to_caption))
+        else:
+            assert image_to_caption.std(-1).min() > 1e-3  # each query ranks the caption positions differently
+
+
+def test_checkpoint_from_before_cond_rotation_loads_as_trained(tmp_path):
+    """A t2i checkpoint whose config lacks cond_rotation was trained with the zero table: it loads so."""
+    model = randomize(Transformer(t2i_args(cond_rotation="zero")), seed=6).eval()
+    cfg = asdict(model.config)
+    del cfg["cond_rotation"]
+    torch.save({"config": cfg, "model": model.state_dict()}, tmp_path / "old.pt")
+    loaded, _ = load_gpt(tmp_path / "old.pt")
+    assert loaded.config.cond_rotation == "zero"
+    cond, mask = captions()
+    codes = torch.randint(0, model.config.sub_vocab_size, (3, model.config.num_codebooks, model.block_size))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(codes[:, :, :-1], cond, targets=codes, cond_mask=mask)[0],
+                                   model(codes[:, :, :-1], cond, targets=codes, cond_mask=mask)[0], rtol=0, atol=0)
 
 
 def test_word_vocab():

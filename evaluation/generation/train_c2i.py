@@ -32,7 +32,7 @@ from datasets.metadata import read_metadata
 from models.checkpoint import CheckpointError, atomic_save, extract_state_dict, load_checkpoint
 from models.distributed import barrier, create_logger, is_dist, setup_distributed
 from models.export import export as export_safetensors
-from models.gpt import GPT_models, TransformerBlock, load_vq_embedding
+from models.gpt import COND_ROTATIONS, GPT_models, TransformerBlock, load_vq_embedding
 from models.parallel import (DATA_PARALLEL, device_mesh, full_state_dict, gradient_sync, load_full_optimizer_state,
                              load_full_state_dict, load_sharded, prune_sharded, save_sharded, sharded_checkpoints,
                              wrap_model)
@@ -63,6 +63,7 @@ def build_model(args, num_codebooks: int, grid_size: int, **condition):
         block_size=grid_size ** 2,
         num_classes=args.num_classes,
         cls_token_num=args.cls_token_num,
+        cond_rotation=getattr(args, "cond_rotation", None),
         model_type=args.gpt_type,
         n_output_layer=args.num_output_layer,
         resid_dropout_p=dropout_p,
@@ -511,6 +512,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="tokenizer checkpoint whose quantizer + post_quant_proj (frozen) embed the input codes, "
                         "followed by a trained projector (the released variant); default: one table per codebook")
     g.add_argument("--cls-token-num", type=int, default=1, help="condition positions before the image tokens")
+    g.add_argument("--cond-rotation", choices=COND_ROTATIONS, default=None,
+                   help="rotary rows of the condition positions (models/gpt.py ModelArgs): 'zero' as LlamaGen and the "
+                        "released weights, 'identity' lets attention read a caption by content; default: zero for c2i, "
+                        "identity for t2i")
     g.add_argument("--dropout-p", type=float, default=0.1, help="residual and FFN dropout (0 when --drop-path-rate > 0)")
     g.add_argument("--attn-dropout-p", type=float, default=0.0, help="attention dropout")
     g.add_argument("--token-dropout-p", type=float, default=0.1, help="dropout on the input embeddings")

@@ -26,9 +26,10 @@ from models.checkpoint import load_checkpoint
 from models.text_encoder import WordVocab, words
 
 
-def resumed_text_settings(args, logger) -> tuple[list | None, int | None]:
-    """(word list, caption length T) of the checkpoint this run resumes or starts from, if any: word ids
-    and the number of caption positions must not change under the trained weights."""
+def resumed_text_settings(args, logger) -> tuple[list | None, int | None, str | None]:
+    """(word list, caption length T, cond_rotation) of the checkpoint this run resumes or starts from, if
+    any: word ids, the number of caption positions and how attention reads them must not change under the
+    trained weights (a checkpoint from before cond_rotation existed was trained with "zero")."""
     ckpt = None
     if args.gpt_ckpt is not None:
         ckpt = load_checkpoint(args.gpt_ckpt)
@@ -38,8 +39,9 @@ def resumed_text_settings(args, logger) -> tuple[list | None, int | None]:
         if ckpt is None and (checkpoint_dir / "latest.pt").is_file():  # a sharded run's state: its latest.pt has the args
             ckpt = load_checkpoint(checkpoint_dir / "latest.pt")
     if not isinstance(ckpt, dict):
-        return None, None
-    return ckpt.get("args", {}).get("text_vocab"), (ckpt.get("config") or {}).get("cls_token_num")
+        return None, None, None
+    config = ckpt.get("config") or {}
+    return ckpt.get("args", {}).get("text_vocab"), config.get("cls_token_num"), config.get("cond_rotation", "zero")
 
 
 def load_caption_data(args, logger, device):
@@ -64,7 +66,8 @@ def load_caption_data(args, logger, device):
     train_texts = [texts[id(r)] for r in train_codes.rows]
     val_texts = [texts[id(r)] for r in val_codes.rows]
 
-    saved_vocab, saved_T = resumed_text_settings(args, logger)
+    saved_vocab, saved_T, saved_rotation = resumed_text_settings(args, logger)
+    args.cond_rotation = args.cond_rotation or saved_rotation
     if args.text_features:
         features = CaptionFeatures(args.text_features)
         features.check(train_texts + val_texts)
