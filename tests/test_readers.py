@@ -577,9 +577,12 @@ def test_resize_matches_pil_bilinear(tmp_path):
     # pad: the long side to 32 (60 x 45 -> 32 x 24), centred in zeros (4 columns each side)
     got = read_image(tmp_path / "x.npy", image_size=32, fit="pad")[..., 0]
     np.testing.assert_allclose(got, np.pad(np.clip(pil_resize(x, 32, 24), 0, 1), ((0, 0), (4, 4))), atol=1e-5)
-    # crop: the central 45 x 45 square (rows 7..51), then to 32
+    # crop: the central 45 x 45 square (rows 7..51), then to 32; the same for columns of the wide image
     got = read_image(tmp_path / "x.npy", image_size=32, fit="crop")[..., 0]
     np.testing.assert_allclose(got, np.clip(pil_resize(x[7:52], 32, 32), 0, 1), atol=1e-5)
+    np.save(tmp_path / "wide.npy", np.ascontiguousarray(x.T))
+    got = read_image(tmp_path / "wide.npy", image_size=32, fit="crop")[..., 0]
+    np.testing.assert_allclose(got, np.clip(pil_resize(x.T[:, 7:52], 32, 32), 0, 1), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,6 +598,8 @@ def test_array_layouts_are_read_as_numpy_holds_them(tmp_path):
     np.testing.assert_allclose(read_image(tmp_path / "column.npy")[..., 0], grey[:, :1] / 255.0, atol=1e-6)
     np.save(tmp_path / "mask.npy", grey > 128)  # bool: True is white
     np.testing.assert_array_equal(read_image(tmp_path / "mask.npy")[..., 0], (grey > 128).astype(np.float32))
+    np.save(tmp_path / "full.npy", np.ones((4, 3), bool))  # all True: white, not a constant 0
+    np.testing.assert_array_equal(read_image(tmp_path / "full.npy"), np.ones((4, 3, 1), np.float32))
     rgba = rng.integers(0, 256, (6, 5, 4), dtype=np.uint8)  # alpha dropped
     np.save(tmp_path / "rgba.npy", rgba)
     np.testing.assert_allclose(read_image(tmp_path / "rgba.npy"), rgba[..., :3] / 255.0, atol=1e-6)
@@ -633,6 +638,9 @@ def test_one_slice_volumes_and_colour_stacks(tmp_path):
     assert read_image(tmp_path / "rgb.tif", 1, max_pixels=6 * 5).shape == (6, 5, 3)
     with pytest.raises(ReadError, match="exceed the limit"):
         read_image(tmp_path / "rgb.tif", 1, max_pixels=6 * 5 - 1)
+    # along axis 1 the whole stack is decoded: rows of every page
+    np.testing.assert_allclose(read_image(tmp_path / "rgb.tif", 2, 1), pages[:, 2] / 255.0, atol=1e-6)
+    np.testing.assert_allclose(read_image(tmp_path / "thin.tif", 5, 1)[..., 0], thin[:, 5] / 255.0, atol=1e-6)
 
 
 def test_single_images_are_not_volumes(tmp_path):
@@ -805,6 +813,13 @@ def test_window_and_index_spellings(tmp_path):
         readers.parse_window("spleen")
     with pytest.raises(ReadError, match="slice_index 'abc' is not an integer"):
         readers.parse_index("abc")
+    with pytest.raises(ReadError, match=r"window 'file:': name the file's window after 'file:'"):
+        readers.parse_window("file:")
+    dicomdir = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "DICOMDIR"
+    with pytest.raises(ReadError, match=r"DICOMDIR: a DICOM series of shape \(4, 16, 16\) needs a slice_index "
+                                        r"\(and optionally slice_axis\) in its metadata row"):
+        read_image(dicomdir, series_uid=str(pydicom.dcmread(
+            next((dicomdir.parent / "77654033" / "CT2").iterdir()), stop_before_pixels=True).SeriesInstanceUID))
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
     with pytest.raises(ReadError, match="pipe.png: not a file"):
@@ -833,6 +848,7 @@ def test_intensity_modes_follow_their_formulas(tmp_path, monkeypatch):
     ct.PhotometricInterpretation = "MONOCHROME1"
     ct.save_as(tmp_path / "m1.dcm")
     m2 = read_image(tmp_path / "m2.dcm", window="file")
+    assert m2.dtype == np.float32
     np.testing.assert_array_equal(read_image(tmp_path / "m2.dcm", window="file", intensity="window"), m2)
     np.testing.assert_allclose(read_image(tmp_path / "m1.dcm", window="file"), 1.0 - m2, atol=1e-6)
     Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "z.png")
@@ -843,6 +859,9 @@ def test_intensity_modes_follow_their_formulas(tmp_path, monkeypatch):
     u8 = rng.integers(0, 256, (5, 4), dtype=np.uint8)
     Image.fromarray(u8).save(tmp_path / "u8.png")
     np.testing.assert_allclose(read_image(tmp_path / "u8.png", intensity="unit")[..., 0], u8 / 255.0, atol=1e-6)
+    lo, hi = np.percentile(u8, (0.5, 99.5))  # 'percentile' also for 8-bit data
+    np.testing.assert_allclose(read_image(tmp_path / "u8.png", intensity="percentile")[..., 0],
+                               np.clip((u8 - lo) / (hi - lo), 0, 1), atol=1e-5)
     f = rng.uniform(-0.5, 1.5, (5, 4)).astype(np.float32)
     np.save(tmp_path / "f.npy", f)
     np.testing.assert_allclose(read_image(tmp_path / "f.npy", intensity="unit")[..., 0], np.clip(f, 0, 1), atol=1e-6)
@@ -872,6 +891,18 @@ def test_intensity_modes_follow_their_formulas(tmp_path, monkeypatch):
 
     (tmp_path / "x.u8in16").write_bytes(b"")
     np.testing.assert_allclose(read_image(tmp_path / "x.u8in16")[..., 0], u8 / 255.0, atol=1e-6)
+    # one scaling for a whole series: the handler's (lo, hi); a constant series is 0
+    v = rng.integers(100, 300, (5, 4)).astype(np.int16)
+    limits = {"s": (50.0, 450.0)}
+
+    @register_format(".series")
+    def read_series(p, frame=None):
+        return readers.RawImage(torch.from_numpy(v), modality="CT", series_limits=lambda: limits["s"])
+
+    (tmp_path / "x.series").write_bytes(b"")
+    np.testing.assert_allclose(read_image(tmp_path / "x.series")[..., 0], (v - 50) / 400, atol=1e-6)
+    limits["s"] = (7.0, 7.0)
+    np.testing.assert_array_equal(read_image(tmp_path / "x.series"), np.zeros((5, 4, 1), np.float32))
 
 
 def test_odd_slices_and_axis_errors(tmp_path, monkeypatch):
