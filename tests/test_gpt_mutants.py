@@ -238,3 +238,21 @@ def test_condition_errors_are_named():
     with pytest.raises(ValueError) as err:
         builtin.embed_condition(torch.randn(2, 5, 24))
     assert "this t2i model has its own text encoder: cond must be word ids [B, T], not features" in str(err.value)
+
+
+@pytest.mark.parametrize("silenced", ["attention", "feed_forward"])
+def test_drop_path_on_each_residual_branch(silenced):
+    """With one branch silenced (its output layer zeroed), a block in train mode returns, per sample, either x
+    (branch dropped) or x + branch / (1 - p) (kept, rescaled): stochastic depth acts on each branch."""
+    from models.gpt import TransformerBlock
+    torch.manual_seed(0)
+    block = TransformerBlock(tiny_args(), drop_path_p=0.5)
+    with torch.no_grad():
+        (block.attention.wo if silenced == "attention" else block.feed_forward.w2).weight.zero_()
+    x = torch.randn(64, 3, 64)
+    with torch.no_grad():
+        branch = block.eval()(x) - x
+        y = block.train()(x)
+    dropped = (y - x).abs().amax((1, 2)) == 0
+    kept = (y - (x + 2 * branch)).abs().amax((1, 2)) < 1e-5
+    assert (dropped | kept).all() and dropped.any() and kept.any()
