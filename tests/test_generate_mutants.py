@@ -43,3 +43,12 @@ def test_t2i_edge_lengths_and_integer_masks():
     # A 0/1 integer mask means the same as the boolean one.
     assert torch.equal(generate(model, cond, model.block_size, cfg_scale=2.0, sample_logits=False,
                                 cond_mask=mask.long()), full)
+
+
+@pytest.mark.parametrize("sampler", [generate, generate_naive])
+def test_no_guidance_needs_no_null_class(sampler):
+    model = randomize(Transformer(tiny_args(class_dropout_prob=0.0))).eval()  # no null row in the label table
+    assert sampler(model, torch.tensor([0, 2]), 4, cfg_scale=1.0, sample_logits=False).shape == (2, 4, 4)
+    with pytest.raises(ValueError) as err:
+        sampler(model, torch.tensor([0]), 4, cfg_scale=1.5)
+    assert "guidance needs the null class: this model was built with class_dropout_prob = 0" in str(err.value)
