@@ -129,6 +129,9 @@ def test_knn_radii_equal_a_brute_force_sort():
     brute = np.sort(np.linalg.norm(x[:, None] - x[None], axis=-1), axis=1)[:, 1:]  # column 0: the point itself
     for k in (1, 2, 3, 7, 24, 150, 300, 599):
         np.testing.assert_allclose(metrics.knn_radii(x, k), brute[:, k - 1], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(metrics.knn_radii(x), brute[:, 2], rtol=1e-9, atol=1e-9)  # default k = 3
+    with pytest.raises(ValueError, match=r"k=600 must be in \[1, 599\] for 600 feature vectors"):
+        metrics.knn_radii(x, 600)  # the point itself is no neighbour: at most n - 1
 
 
 def test_a_query_on_a_ball_boundary_is_covered():
@@ -139,6 +142,8 @@ def test_a_query_on_a_ball_boundary_is_covered():
     assert metrics.knn_radii(manifold, 1).tolist() == [1.0, 1.0, 2.0, 3.0]
     # 9 and -1 lie exactly on the balls of 6 and 0; 10 and -1.5 just outside every ball
     assert metrics.manifold_coverage(manifold, query, 1).tolist() == [True, False, True, False, True]
+    # default k = 3: radii 6, 5, 3, 6 (the 3rd nearest of the other three points)
+    assert metrics.manifold_coverage(manifold, query).tolist() == [True] * 5
 
 
 def test_near_duplicate_reference_shrinks_the_k_nn_balls():
