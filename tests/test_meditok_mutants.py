@@ -1,0 +1,205 @@
+"""The tokenizer's encode/decode path written out by hand (tests added for mutation testing, docs/MUTATION.md).
+
+Each expected value is built here from the model's parameters with explicit indexing and the formulas of
+the official release (`../shared/reference/README.md`): per-codebook cosine argmax over normalised chunks,
+normalised code vectors concatenated in codebook order, tokens laid out row-major on an h x w grid. The
+grids are not square (h != w), so a transposed or swapped grid anywhere changes the result.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.meditok import MEDITOK_CONFIGS, STEM_STRIDE, MedITok, MedITokConfig
+
+TINY = "MedITok-Tiny"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = MEDITOK_CONFIGS[TINY]
+    m = MedITok(cfg, cfg.downsample * 4).eval()
+    # Make the decoder's output leave [-1, 1] by far, so that the clamp of idx_to_img is visible.
+    with torch.no_grad():
+        for p in m.decoder.up_conv4.parameters():
+            p.mul_(50)
+    yield m
+    torch.set_num_threads(threads)
+
+
+def wide_images(model, h, w, n=2, seed=0):
+    d = model.config.downsample
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, model.in_chans, h * d, w * d, generator=g) * 2 - 1
+
+
+def hand_indices(model, latent):
+    """latent [B, L, vocab_width] -> [B, K, L]: argmax cosine per chunk, codebook vectors normalised."""
+    K = model.num_codebooks
+    chunk = model.vocab_width // K
+    out = []
+    for k in range(K):
+        f = latent[..., k * chunk:(k + 1) * chunk]
+        f = f / f.norm(dim=-1, keepdim=True)
+        e = model.quantizer.codebooks[k].codebook.weight
+        e = e / e.norm(dim=-1, keepdim=True)
+        out.append((f @ e.T).argmax(-1))
+    return torch.stack(out, 1)
+
+
+def hand_codes(model, idx):
+    """idx [B, K, L] -> [B, L, vocab_width]: the normalised code vectors, codebook k in chunk k."""
+    parts = []
+    for k in range(model.num_codebooks):
+        e = model.quantizer.codebooks[k].codebook.weight[idx[:, k]]  # [B, L, chunk]
+        parts.append(e / e.norm(dim=-1, keepdim=True))
+    return torch.cat(parts, -1)
+
+
+def hand_grid(tokens, h, w):
+    """tokens [B, L, C] with L = h * w in row-major order -> [B, C, h, w], element by element."""
+    B, L, C = tokens.shape
+    grid = torch.empty(B, C, h, w)
+    for i in range(h):
+        for j in range(w):
+            grid[:, :, i, j] = tokens[:, i * w + j, :]
+    return grid
+
+
+def hand_decode(model, codes, h, w):
+    """codes [B, L, vocab_width] -> image, unclamped: projection, ViT blocks, grid, conv upsampling."""
+    dec = model.decoder
+    t = dec.norm(dec.blocks(dec.norm_pre(model.post_quant_proj(codes))))
+    return dec.up_conv4(dec.up_conv3(dec.up_conv2(dec.up_conv1(hand_grid(t, h, w)))))
+
+
+@torch.no_grad()
+def test_decoder_lays_tokens_out_row_major(model, monkeypatch):
+    dec, h, w = model.decoder, 2, 3
+    tokens = torch.randn(2, h * w, model.config.width, generator=torch.Generator().manual_seed(1))
+    seen = []
+    monkeypatch.setattr(dec, "upsample", lambda g: seen.append(g) or g)
+    dec(tokens, (h, w))
+    expected = hand_grid(dec.norm(dec.blocks(dec.norm_pre(tokens))), h, w)
+    assert seen[0].shape == (2, model.config.width, h, w)
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_encode_path_by_hand(model):
+    h, w = 2, 3
+    x = wide_images(model, h, w)
+    enc = model.encoder(x)  # [B, L, width]
+    assert enc.shape == (2, h * w, model.config.width)
+    latent = model.quant_proj(enc)
+    idx = hand_indices(model, latent)
+    assert torch.equal(model.img_to_idx(x), idx)
+    codes = hand_codes(model, idx)
+    torch.testing.assert_close(model.encode_image_vq(x), codes, rtol=0, atol=0)
+    # latent_to_idx of a [B, vocab_width, h, w] grid, and of tokens [B, L, vocab_width]
+    assert torch.equal(model.latent_to_idx(hand_grid(codes, h, w)), idx)
+    assert torch.equal(model.latent_to_idx(codes), idx)
+    torch.testing.assert_close(model.forward_features(x), enc.mean(1))
+    feats = model.projection(model.fc_norm(model.post_quant_proj(codes).mean(1)))
+    torch.testing.assert_close(model.encode_image(x), feats)
+    torch.testing.assert_close(model.encode_image(x, normalize=True), feats / feats.norm(dim=-1, keepdim=True))
+
+
+@torch.no_grad()
+def test_reconstruction_and_forward_by_hand(model):
+    h, w = 2, 3
+    x = wide_images(model, h, w, seed=2)
+    idx = hand_indices(model, model.quant_proj(model.encoder(x)))
+    rec = hand_decode(model, hand_codes(model, idx), h, w)
+    assert rec.shape == x.shape
+    assert rec.min() < -2 and rec.max() > 2  # the clamp below matters at both ends
+    torch.testing.assert_close(model.img_to_reconstructed_img(x), rec.clamp(-1, 1))
+    out = model(x)
+    assert torch.equal(out["idx"], idx)
+    # the scaled output layer amplifies float rounding (the code vectors are normalised in another order)
+    torch.testing.assert_close(out["rec"], rec, rtol=1e-3, atol=1e-2)
+
+
+@torch.no_grad()
+def test_idx_to_img_by_hand(model):
+    K, n = model.num_codebooks, model.codebook_size
+    g = torch.Generator().manual_seed(3)
+    # [B, K, h, w] with h != w
+    idx = torch.randint(0, n, (2, K, 2, 3), generator=g)
+    rec = hand_decode(model, hand_codes(model, idx.flatten(2)), 2, 3)
+    assert rec.min() < -2 and rec.max() > 2
+    torch.testing.assert_close(model.idx_to_img(idx), rec.clamp(-1, 1))
+    # [B, K, L] with a square L
+    idx = torch.randint(0, n, (1, K, 9), generator=g)
+    torch.testing.assert_close(model.idx_to_img(idx), hand_decode(model, hand_codes(model, idx), 3, 3).clamp(-1, 1))
+
+
+def test_shape_errors_name_the_sizes(model):
+    d = model.config.downsample
+    x = torch.zeros(1, model.in_chans, 2 * d, 3 * d + 1)
+    with pytest.raises(ValueError, match=f"^image size {2 * d}x{3 * d + 1} is not a multiple of the downsampling factor {d}$"):
+        model.img_to_reconstructed_img(x)
+    x = torch.zeros(1, model.in_chans, 2 * d + 1, 3 * d)
+    with pytest.raises(ValueError, match=f"^image size {2 * d + 1}x{3 * d} is not"):
+        model(x)
+    with pytest.raises(ValueError, match=r"^6 tokens do not form a square grid; pass indices as \[B, K, h, w\]$"):
+        model.idx_to_img(torch.zeros(1, model.num_codebooks, 6, dtype=torch.long))
+    assert MedITok._square_hw(16) == (4, 4) and MedITok._square_hw(1) == (1, 1)
+
+
+def test_config_rules():
+    c = MedITokConfig(conv_widths=[8, 16], decoder_depths=[1, 2])
+    assert c.conv_widths == (8, 16) and c.decoder_depths == (1, 2) and isinstance(c.conv_widths, tuple)
+    assert c.codebook_size == 32768 // 8 and MedITokConfig(vocab_size=100, num_codebooks=4).codebook_size == 25
+    with pytest.raises(ValueError, match=f"^MedITokConfig.downsample must be {STEM_STRIDE} or {2 * STEM_STRIDE}, got 4$"):
+        MedITokConfig(downsample=4)
+    assert MedITokConfig(downsample=STEM_STRIDE).downsample == STEM_STRIDE
+    with pytest.raises(ValueError, match="^width=96 and vocab_width=64 must divide one another$"):
+        MedITokConfig(width=96, vocab_width=64)
+    # either direction of divisibility is accepted
+    assert MedITokConfig(width=64, vocab_width=128).projection_heads == 1
+    assert MedITokConfig(width=1024, vocab_width=64).projection_heads == 16
+    assert MedITokConfig(width=1024, vocab_width=64, proj_heads=3).projection_heads == 3
+    c = MedITokConfig(downsample=16)
+    assert c.grid_size(256) == 16 and c.grid_size(16) == 1 and type(c.grid_size(256)) is int
+    with pytest.raises(ValueError, match="^img_size=40 is not a multiple of the downsampling factor 16$"):
+        c.grid_size(40)
+
+
+def test_trunk_settings(model):
+    """Settings that leave no trace in state-dict keys: norm eps, frozen zero pos_embed, token output."""
+    enc = model.encoder
+    assert enc.pos_embed.shape == (1, 1, model.config.width) and not enc.pos_embed.requires_grad
+    assert torch.count_nonzero(enc.pos_embed) == 0
+    stem_norm = enc.patch_embed.backbone.stem.norm1
+    assert stem_norm.eps == 1e-6
+    assert enc.num_prefix_tokens == 0 and enc.global_pool == ""
+
+
+@torch.no_grad()
+def test_trunk_mlp_is_the_tanh_geglu(model):
+    """Every ViT block's MLP, encoder and decoder: w2(gelu_tanh(w0 LN(x)) * w1 LN(x)), hidden = mlp_ratio * width."""
+    width = model.config.width
+    x = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(4))
+    for blocks in (model.encoder.blocks, model.decoder.blocks):
+        mlp = blocks[0].mlp
+        assert mlp.w0.out_features == int(model.config.mlp_ratio * width)
+        h = F.layer_norm(x, (width,), mlp.norm.weight, mlp.norm.bias, eps=1e-6)
+        expected = mlp.w2(F.gelu(mlp.w0(h), approximate="tanh") * mlp.w1(h))
+        torch.testing.assert_close(mlp(x), expected)
+
+
+@torch.no_grad()
+def test_config_fields_reach_the_trunk():
+    """in_chans and mlp_ratio other than timm's builder defaults (3 and 2.0) change the model."""
+    cfg = replace(MEDITOK_CONFIGS[TINY], in_chans=1, mlp_ratio=1.0)
+    m = MedITok(cfg, cfg.downsample * 2).eval()
+    for blocks in (m.encoder.blocks, m.decoder.blocks):
+        assert blocks[0].mlp.w0.out_features == cfg.width
+    x = torch.rand(1, 1, cfg.downsample * 2, cfg.downsample * 3) * 2 - 1
+    assert m.img_to_idx(x).shape == (1, cfg.num_codebooks, 6)
+    assert m.img_to_reconstructed_img(x).shape == x.shape
