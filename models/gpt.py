@@ -67,7 +67,7 @@ class ModelArgs:
     class_dropout_prob: float = 0.1  # > 0 adds the null class / null caption used by guidance
     model_type: str = "c2i"  # "c2i": class label; "t2i": caption features [cls_token_num, caption_dim]
     text_vocab_size: int = 0  # t2i: > 0 builds the word-level text encoder trained with the GPT (models/text_encoder.py)
-    text_layers: int = 2  # blocks of that text encoder
+    text_layers: int = 0  # bidirectional blocks of that text encoder (0: word + position embeddings, see its module)
 
     vocab_size: int = 16384  # total over codebooks: each codebook has vocab_size // num_codebooks entries
     cls_token_num: int = 1  # condition positions before the image tokens

@@ -1,10 +1,15 @@
 """A small text encoder trained jointly with the text-to-image GPT, for CPU and offline use.
 
 No download: the vocabulary is the set of words of the training captions (`WordVocab.build`), and the
-encoder (`WordTextEncoder`: word + position embeddings, a few bidirectional pre-norm blocks, LayerNorm)
+encoder (`WordTextEncoder`: word + position embeddings, optional bidirectional pre-norm blocks, LayerNorm)
 is trained from scratch together with the GPT, which owns it as `Transformer.text_encoder` (so the
 optimizer, EMA, DDP and checkpoints need nothing extra). Captions are left-padded to the GPT's
 `cls_token_num` positions, as LlamaGen pads T5 features: the last condition position is always a word.
+
+By default there are no blocks: the GPT attends to the caption positions by content (ModelArgs.cond_rotation)
+and composes the words itself, while blocks trained from scratch on short captions that share most words
+mixed them into near-identical features and the prompt was followed less (docs/QUICKSTART.md). Blocks
+(`--text-layers N`) are there for longer free-text captions.
 
 Pretrained encoders (T5, BERT-style) are used through `datasets/text_features.py` instead, which
 stores their features once; the GPT then reads them through its caption projection.
@@ -87,7 +92,7 @@ class TextBlock(nn.Module):
 class WordTextEncoder(nn.Module):
     """Word ids [B, T] + mask [B, T] -> caption features [B, T, dim] (zero at padded positions)."""
 
-    def __init__(self, vocab_size: int, dim: int, max_len: int, n_layer: int = 2, n_head: int | None = None,
+    def __init__(self, vocab_size: int, dim: int, max_len: int, n_layer: int = 0, n_head: int | None = None,
                  dropout: float = 0.1):
         super().__init__()
         n_head = n_head or max(1, dim // 64)

@@ -6,12 +6,14 @@
 
 Captions say what the demo data knows about each image (datasets/demo.py): the orientation and the slice
 level in words, e.g. "T1-weighted brain MRI, axial slice, upper third"; echocardiography frames are
-"echocardiography frame". The level of a brain slice is its position in its class's ordered slices, in
+"echocardiography frame". Every training brain image also gets a second row captioned with its orientation
+alone (`orientation_only`); prompts always name both. The level of a brain slice is its position in its class's ordered slices, in
 [0, 1]: inferior -> superior (axial), posterior -> anterior (coronal); for sagittal slices the distance from
 the midline (the MNI152 template is left-right symmetric, so the side cannot be seen). Thirds of it name
-the level. One caption is held out of training (--heldout_caption, by default the axial middle third: its
-training rows get the split "heldout_caption", which the GPT does not train on), so its words are only
-seen in other combinations ("middle third" with coronal slices, "axial" with other levels).
+the level ("medial/middle/lateral third" for sagittal, so that "middle third" goes with every orientation).
+One caption is held out of training (--heldout_caption, by default the axial middle third: its training
+rows get the split "heldout_caption", which the GPT does not train on), so its words are only seen in
+other combinations ("middle third" with coronal and sagittal slices, "axial" with the other levels).
 
 The report measures prompt-following on the samples of every caption:
   t2i_orientation_accuracy   the quickstart classifier's class (3 orientations + echo) vs the prompt's
@@ -21,6 +23,7 @@ The report measures prompt-following on the samples of every caption:
                              orientation (mean over 20 permutations): the no-prompt-following baseline
   real_val_level_mae         the same measure on the held-out real images (the measure's own error)
   heldout                    the same numbers for the held-out caption's samples alone
+  trained_captions           the same numbers for the other captions' samples
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import argparse
 import json
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +43,11 @@ from datasets.files import atomic_write_text
 from datasets.metadata import read_metadata, resolve_path, write_metadata
 from evaluation.features import ClassifierFeatures, from_uint8, load_images
 from scripts.cli import ArgumentParser
-from scripts.cli import ArgumentParser
 
 BRAIN = {  # label_name -> (orientation words, level words for the three thirds of the level)
     "brain_mri_axial": ("axial slice", ("lower third", "middle third", "upper third")),
     "brain_mri_coronal": ("coronal slice", ("posterior third", "middle third", "anterior third")),
-    "brain_mri_sagittal": ("sagittal slice", ("near the midline", "intermediate", "lateral")),
+    "brain_mri_sagittal": ("sagittal slice", ("medial third", "middle third", "lateral third")),
 }
 ECHO = "echocardiography frame"
 HELDOUT = "T1-weighted brain MRI, axial slice, middle third"
@@ -83,6 +86,14 @@ def caption(label_name: str, level: float | None) -> str:
     return f"T1-weighted brain MRI, {orientation}, {words[min(int(level * 3), 2)]}"
 
 
+def orientation_only(rows: list[dict]) -> list[dict]:
+    """A second caption for every training brain image, its orientation alone ("T1-weighted brain MRI, axial
+    slice"): same codes, a copy of the row. Reports name the level or not; these rows tie each orientation
+    word to all of its images, so a caption pairing it with an unseen level is still read by its orientation."""
+    return [dict(r, text=f"T1-weighted brain MRI, {BRAIN[r['label_name']][0]}") for r in rows
+            if r.get("split") == "train" and r["label_name"] in BRAIN]
+
+
 def all_prompts(label_names: dict[int, str]) -> list[dict]:
     """Every caption once: {text, label, level (the third's centre, None for echo)}."""
     out = []
@@ -109,6 +120,7 @@ def captions(args) -> None:
         if r["text"] == args.heldout_caption and r.get("split") == "train":
             r["split"] = HELDOUT_SPLIT
     out = Path(args.out)
+    rows += orientation_only(rows)
     write_metadata(rows, out / "codes.csv")
     names = {int(r["label"]): r["label_name"] for r in rows}
     prompts = all_prompts(names)
@@ -194,16 +206,20 @@ def report(args) -> None:
     for text in prompts:
         idx = np.flatnonzero(np.array(texts) == text)
         if len(idx):
-            per_prompt[text] = {"samples": int(len(idx)), "orientation_accuracy": float((preds[idx] == labels[idx]).mean())}
+            per_prompt[text] = {"samples": int(len(idx)), "orientation_accuracy": float((preds[idx] == labels[idx]).mean()),
+                                "classified_as": dict(Counter(classifier.class_names[p] for p in preds[idx]).most_common())}
             if prompts[text]["level"] is not None:
                 per_prompt[text]["level_mae"] = float(err_all[idx].mean())
     held = np.array([bool(prompts[t].get("heldout")) for t in texts])
-    heldout = {}
-    if held.any():
-        hb = held[brain]
-        heldout = {"captions": sorted({t for t, h in zip(texts, held) if h}), "samples": int(held.sum()),
-                   "orientation_accuracy": float((preds[held] == labels[held]).mean()),
-                   "level_mae": float(err[hb].mean()) if hb.any() else None}
+
+    def subset(keep):  # the report's numbers for some of the samples
+        kb = keep[brain]
+        return {"captions": sorted({t for t, k in zip(texts, keep) if k}), "samples": int(keep.sum()),
+                "orientation_accuracy": float((preds[keep] == labels[keep]).mean()),
+                "level_mae": float(err[kb].mean()) if kb.any() else None}
+
+    heldout = subset(held) if held.any() else {}
+    trained = subset(~held) if (~held).any() else {}
     stages = {p.stem: float(p.read_text()) for p in Path(args.stage_dir).glob("t2i_*.seconds")}
     result = {
         "t2i_orientation_accuracy": float((preds == labels).mean()),
@@ -213,6 +229,7 @@ def report(args) -> None:
         "samples": int(len(texts)),
         "brain_samples": int(brain.sum()),
         "heldout": heldout,
+        "trained_captions": trained,
         "per_prompt": per_prompt,
         "t2i_stage_seconds": stages,
         "t2i_total_seconds": round(sum(stages.values()), 1),

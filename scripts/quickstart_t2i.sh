@@ -5,14 +5,15 @@
 #   t2i_2_gpt       a small GPT with the built-in word-level text encoder       (train_t2i.sh)
 #   t2i_3_sample    T2I_SAMPLES_PER_PROMPT images for every caption             (sample_t2i.sh)
 #   report          OUT/t2i/report.json (orientation accuracy, slice-level error vs shuffled prompts), grid.png
-# Settings (environment): T2I_STEPS, T2I_BATCH_SIZE, T2I_LR, T2I_TEXT_DIM, T2I_SAMPLES_PER_PROMPT,
+# Settings (environment): T2I_STEPS, T2I_BATCH_SIZE, T2I_LR, T2I_TEXT_DIM, T2I_TEXT_LAYERS, T2I_SAMPLES_PER_PROMPT,
 # T2I_CFG_SCALE, T2I_TEMPERATURE, T2I_EXTRA_ARGS, T2I_SAMPLE_EXTRA_ARGS.
 T2I_DIR=$OUT/t2i
 T2I_STEPS=${T2I_STEPS:-$GPT_STEPS}
 T2I_BATCH_SIZE=${T2I_BATCH_SIZE:-$GPT_BATCH_SIZE}
 T2I_LR=${T2I_LR:-$GPT_LR}
 T2I_TEXT_DIM=${T2I_TEXT_DIM:-128}                 # width of the built-in text encoder
-T2I_SAMPLES_PER_PROMPT=${T2I_SAMPLES_PER_PROMPT:-10}
+T2I_TEXT_LAYERS=${T2I_TEXT_LAYERS:-0}             # its bidirectional blocks (0: word + position embeddings)
+T2I_SAMPLES_PER_PROMPT=${T2I_SAMPLES_PER_PROMPT:-20}
 T2I_CFG_SCALE=${T2I_CFG_SCALE:-$CFG_SCALE}
 T2I_TEMPERATURE=${T2I_TEMPERATURE:-$TEMPERATURE}
 T2I_EXTRA_ARGS=${T2I_EXTRA_ARGS:-}
@@ -25,7 +26,7 @@ stage t2i_1_captions "caption every image (orientation, slice level) into $T2I_D
 stage t2i_2_gpt "train $GPT_MODEL + a word-level text encoder on the captions for $T2I_STEPS steps" \
     env CODE_DIR="$T2I_DIR/codes.csv" VQ_PATH="$TOKENIZER_DIR/tokenizer.pt" RES_DIR="$T2I_DIR/gpt" \
         EXP_NAME=quickstart_t2i LR="$T2I_LR" BATCH_SIZE="$T2I_BATCH_SIZE" GPT_MODEL="$GPT_MODEL" NPROC_PER_NODE=1 \
-        EXTRA_ARGS="--max-steps $T2I_STEPS --schedule cosine --global-seed $SEED --no-compile --log-every 100 --ckpt-every $T2I_STEPS --text-dim $T2I_TEXT_DIM $T2I_EXTRA_ARGS" \
+        EXTRA_ARGS="--max-steps $T2I_STEPS --schedule cosine --global-seed $SEED --no-compile --log-every 100 --ckpt-every $T2I_STEPS --text-dim $T2I_TEXT_DIM --text-layers $T2I_TEXT_LAYERS $T2I_EXTRA_ARGS" \
     bash evaluation/generation/scripts/train_t2i.sh
 
 stage t2i_3_sample "generate $T2I_SAMPLES_PER_PROMPT images per caption (cfg $T2I_CFG_SCALE, temperature $T2I_TEMPERATURE)" \

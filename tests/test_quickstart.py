@@ -14,13 +14,13 @@ STAGES = ["1_data", "2_tokenizer", "3_tokenize", "4_gpt", "5_sample", "6_classif
           "8_eval_generation"]
 
 
-def run_quickstart(out: Path) -> subprocess.CompletedProcess:
+def run_quickstart(out: Path, mode: str = "c2i") -> subprocess.CompletedProcess:
     env = dict(
         os.environ, OUT=str(out), DATA_IMAGE_SIZE="32", IMAGE_SIZE="32", TOKENIZER_STEPS="6",
         TOKENIZER_EPOCHS="1", GPT_STEPS="3", GPT_BATCH_SIZE="8", SAMPLES_PER_CLASS="2", CLASSIFIER_EPOCHS="1",
-        GRID_PER_CLASS="2", INFER_BATCH_SIZE="32",
+        GRID_PER_CLASS="2", INFER_BATCH_SIZE="32", T2I_SAMPLES_PER_PROMPT="1",
     )
-    return subprocess.run(["bash", "scripts/quickstart.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+    return subprocess.run(["bash", "scripts/quickstart.sh", mode], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
 
 
@@ -51,3 +51,16 @@ def test_quickstart_runs_every_stage_and_resumes(tmp_path):
     for name in STAGES:
         assert f"== {name}: skipped" in second.stdout
     assert json.loads((out / "report.json").read_text())["stage_seconds"] == report["stage_seconds"]
+
+    # The t2i mode reuses the data, tokenizer, codes and classifier, and runs only its own stages.
+    t2i = run_quickstart(out, "t2i")
+    assert t2i.returncode == 0, t2i.stdout[-3000:] + t2i.stderr[-3000:]
+    for name in ("1_data", "2_tokenizer", "3_tokenize", "6_classifier"):
+        assert f"== {name}: skipped" in t2i.stdout
+    for name in ("t2i_1_captions", "t2i_2_gpt", "t2i_3_sample"):
+        assert f"== {name}: done in" in t2i.stdout
+    t2i_report = json.loads((out / "t2i" / "report.json").read_text())
+    assert t2i_report["samples"] == 10 and t2i_report["heldout"]["samples"] == 1  # 10 captions, one held out
+    for key in ("t2i_orientation_accuracy", "t2i_level_mae", "t2i_level_mae_shuffled"):
+        assert np.isfinite(t2i_report[key]), key
+    assert (out / "t2i" / "grid.png").is_file()

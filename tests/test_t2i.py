@@ -231,7 +231,7 @@ def test_word_vocab():
 
 
 def test_quickstart_captions_and_levels():
-    from scripts.quickstart_t2i import all_prompts, caption, level_errors, levels
+    from scripts.quickstart_t2i import all_prompts, caption, level_errors, levels, orientation_only
 
     rows = [{"identifier": f"images/{name}/{name}_{i:03d}.png", "label_name": name}
             for name in ("brain_mri_axial", "brain_mri_sagittal") for i in (0, 5, 10)]
@@ -240,7 +240,14 @@ def test_quickstart_captions_and_levels():
     assert lv == [0.0, 0.5, 1.0, 1.0, 0.0, 1.0, None]  # sagittal: distance from the midline
     texts = [caption(r["label_name"], v) for r, v in zip(rows, lv)]
     assert texts[:3] == [f"T1-weighted brain MRI, axial slice, {w} third" for w in ("lower", "middle", "upper")]
-    assert texts[4] == "T1-weighted brain MRI, sagittal slice, near the midline" and texts[6] == "echocardiography frame"
+    assert texts[4] == "T1-weighted brain MRI, sagittal slice, medial third" and texts[6] == "echocardiography frame"
+    for r, t in zip(rows, texts):
+        r.update(text=t, split="train")
+    rows[1]["split"] = "heldout_caption"
+    extra = orientation_only(rows)  # brain training rows only, their orientation alone
+    assert [r["identifier"] for r in extra] == [rows[i]["identifier"] for i in (0, 2, 3, 4, 5)]
+    assert [r["text"] for r in extra] == ["T1-weighted brain MRI, axial slice"] * 2 + ["T1-weighted brain MRI, sagittal slice"] * 3
+    assert rows[0]["text"].endswith("lower third")  # the originals keep their captions
     prompts = all_prompts({0: "brain_mri_axial", 3: "echocardiography"})
     assert [p["level"] for p in prompts] == [1 / 6, 0.5, 5 / 6, None] and prompts[3]["label"] == 3
     # The nearest-neighbour level: a reference image asked for its own level has no error; another level does.

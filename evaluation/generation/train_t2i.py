@@ -107,7 +107,9 @@ def get_parser():
                    help="folder written by `python -m datasets.text_features` for this metadata (a Hugging Face "
                         "encoder's features); without it the built-in word-level encoder is trained with the GPT")
     g.add_argument("--text-dim", type=int, default=256, help="width of the built-in text encoder")
-    g.add_argument("--text-layers", type=int, default=2, help="blocks of the built-in text encoder")
+    g.add_argument("--text-layers", type=int, default=0,
+                   help="bidirectional blocks of the built-in text encoder (0: word + position embeddings, which the "
+                        "GPT's attention composes; blocks suit longer free-text captions)")
     # --cls-token-num None: the caption length comes from the data (see the module docstring).
     parser.set_defaults(gpt_type="t2i", cls_token_num=None)
     return parser
