@@ -5,6 +5,7 @@ the official release (`../shared/reference/README.md`): per-codebook cosine argm
 normalised code vectors concatenated in codebook order, tokens laid out row-major on an h x w grid. The
 grids are not square (h != w), so a transposed or swapped grid anywhere changes the result.
 """
+import math
 from dataclasses import replace
 
 import pytest
@@ -16,7 +17,7 @@ from models.meditok import MEDITOK_CONFIGS, STEM_STRIDE, MedITok, MedITokConfig
 TINY = "MedITok-Tiny"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture  # built per test (cheap), so that mutmut sees every test reach MedITok.__init__
 def model():
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -188,9 +189,14 @@ def test_trunk_mlp_is_the_tanh_geglu(model):
     for blocks in (model.encoder.blocks, model.decoder.blocks):
         mlp = blocks[0].mlp
         assert mlp.w0.out_features == int(model.config.mlp_ratio * width)
+        mlp.w0.weight.mul_(30)  # gate inputs of a few units, where tanh-GELU and exact GELU differ visibly
+        mlp.w1.weight.mul_(30)
         h = F.layer_norm(x, (width,), mlp.norm.weight, mlp.norm.bias, eps=1e-6)
         expected = mlp.w2(F.gelu(mlp.w0(h), approximate="tanh") * mlp.w1(h))
-        torch.testing.assert_close(mlp(x), expected)
+        exact_gelu = mlp.w2(F.gelu(mlp.w0(h)) * mlp.w1(h))
+        tol = 2e-6 * expected.abs().max().item()
+        assert (expected - exact_gelu).abs().max() > 10 * tol
+        torch.testing.assert_close(mlp(x), expected, rtol=0, atol=tol)
 
 
 @torch.no_grad()
@@ -203,3 +209,18 @@ def test_config_fields_reach_the_trunk():
     x = torch.rand(1, 1, cfg.downsample * 2, cfg.downsample * 3) * 2 - 1
     assert m.img_to_idx(x).shape == (1, cfg.num_codebooks, 6)
     assert m.img_to_reconstructed_img(x).shape == x.shape
+
+
+def test_config_reaches_the_quantizer_and_head():
+    cfg = replace(MEDITOK_CONFIGS[TINY], vq_beta=0.5, use_entropy_loss=True, entropy_temp=0.05)
+    with torch.device("meta"):
+        m = MedITok(cfg, cfg.downsample * 2)
+    q = m.quantizer
+    assert (q.beta, q.use_entropy_loss, q.entropy_temp) == (0.5, True, 0.05)
+    assert m.codebook_size == cfg.vocab_size // cfg.num_codebooks
+    # the alignment head: LayerNorm eps 1e-6 (the full official reference, tests/test_meditok_full.py,
+    # matches with it) and CLIP's initial logit scale log(1 / 0.07)
+    assert m.fc_norm.eps == 1e-6
+    with torch.device("cpu"):
+        fresh = MedITok(MEDITOK_CONFIGS[TINY], MEDITOK_CONFIGS[TINY].downsample * 2)
+    assert fresh.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
