@@ -71,6 +71,9 @@ def test_assign_names_by_level():
     # a name claimed by another input is not taken even if the only candidate left; the last one repeats
     assert bi.assign_names(["k9"], [["a"]], {"a": "k1"}, free) == [None]
     assert bi.assign_names([], [], {}, free) == []
+    assert bi.assign_names(["k1"], [["a", "b"]], {}, free) == ["a"]  # the first candidate is preferred
+    # a shorter list keeps offering its last name at later levels
+    assert bi.assign_names(["k1", "k2"], [["x"], ["y", "z"]], {"x": "k3", "y": "k4"}, free) == [None, "z"]
     # `taken` is told whether the name is claimed
     seen = []
     bi.assign_names(["k1", "k2"], [["x"], ["y"]], {"x": "k1"}, lambda n, c: seen.append((n, c)) or False)
