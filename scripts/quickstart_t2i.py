@@ -7,11 +7,11 @@
 Captions say what the demo data knows about each image (datasets/demo.py): the orientation and the slice
 level in words, e.g. "T1-weighted brain MRI, axial slice, upper third"; echocardiography frames are
 "echocardiography frame". Every training brain image also gets a second row captioned with its orientation
-alone (`orientation_only`); prompts always name both. The level of a brain slice is its position in its class's ordered slices, in
-[0, 1]: inferior -> superior (axial), posterior -> anterior (coronal); for sagittal slices the distance from
-the midline (the MNI152 template is left-right symmetric, so the side cannot be seen). Thirds of it name
-the level ("medial/middle/lateral third" for sagittal, so that "middle third" goes with every orientation).
-One caption is held out of training (--heldout_caption, by default the axial middle third: its training
+alone (`orientation_only`); prompts always name both. The level of a brain slice is its position in its
+class's ordered slices, in [0, 1]: inferior -> superior (axial), posterior -> anterior (coronal); for
+sagittal slices the distance from the midline (the MNI152 template is left-right symmetric, so the side
+cannot be seen). Thirds of it name the level ("medial/middle/lateral third" for sagittal, so that "middle
+third" goes with every orientation). One caption is held out of training (--heldout_caption, by default the axial middle third: its training
 rows get the split "heldout_caption", which the GPT does not train on), so its words are only seen in
 other combinations ("middle third" with coronal and sagittal slices, "axial" with the other levels).
 
@@ -49,6 +49,7 @@ BRAIN = {  # label_name -> (orientation words, level words for the three thirds 
     "brain_mri_coronal": ("coronal slice", ("posterior third", "middle third", "anterior third")),
     "brain_mri_sagittal": ("sagittal slice", ("medial third", "middle third", "lateral third")),
 }
+MODALITY = "T1-weighted brain MRI"  # the first words of every brain caption
 ECHO = "echocardiography frame"
 HELDOUT = "T1-weighted brain MRI, axial slice, middle third"
 HELDOUT_SPLIT = "heldout_caption"
@@ -83,14 +84,14 @@ def caption(label_name: str, level: float | None) -> str:
     if label_name not in BRAIN:
         return ECHO
     orientation, words = BRAIN[label_name]
-    return f"T1-weighted brain MRI, {orientation}, {words[min(int(level * 3), 2)]}"
+    return f"{MODALITY}, {orientation}, {words[min(int(level * 3), 2)]}"
 
 
 def orientation_only(rows: list[dict]) -> list[dict]:
     """A second caption for every training brain image, its orientation alone ("T1-weighted brain MRI, axial
     slice"): same codes, a copy of the row. Reports name the level or not; these rows tie each orientation
     word to all of its images, so a caption pairing it with an unseen level is still read by its orientation."""
-    return [dict(r, text=f"T1-weighted brain MRI, {BRAIN[r['label_name']][0]}") for r in rows
+    return [dict(r, text=f"{MODALITY}, {BRAIN[r['label_name']][0]}") for r in rows
             if r.get("split") == "train" and r["label_name"] in BRAIN]
 
 
