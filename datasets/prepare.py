@@ -2,7 +2,8 @@
 
     python -m datasets.prepare medmnist --npz pathmnist.npz --output_dir data/pathmnist
     python -m datasets.prepare folder   --root data/xray --meta_path data/xray/metadata.csv --val_fraction 0.1
-    python -m datasets.prepare volumes  --inputs ct/*.nii.gz --meta_path data/ct.jsonl --window abdomen
+    python -m datasets.prepare volumes  --inputs ct/*.nii.gz --meta_path data/ct.jsonl --window abdomen \
+                                        --val_fraction 0.1 --group_by volume
     python -m datasets.prepare dicom    data/pacs_export --meta_path data/dicom.jsonl --val_fraction 0.1 \
                                         --label_map CT=0,MR=1
     python -m datasets.prepare check    data/dicom.jsonl --group_by PatientID
@@ -13,8 +14,9 @@ medmnist: a MedMNIST / MedMNIST+ `.npz` (`train_images`, `train_labels`, `val_..
     NIfTI / MetaImage / multi-frame DICOM / `.npy` volumes expanded into slice rows. dicom: a DICOM tree
     (series folders, headers only) -> one row per slice or per series, with patient / study / series
     columns. check: report groups (patients) that appear in more than one split.
-Splits of `folder` and `dicom` may be grouped (`--group_by`): every row of a group (a patient, a study, a
-sub-folder) lands in one split, and the fractions are met as closely as the group sizes allow.
+Splits of `folder`, `volumes` and `dicom` may be grouped (`--group_by`): every row of a group (a patient, a
+study, a sub-folder, a volume) lands in one split, and the fractions are met as closely as the group sizes
+allow. Ungrouped `volumes` splits hold out the last slices of every volume (one volume, e.g. a template).
 Identifiers are written relative to the metadata file's folder when they lie under it.
 """
 from __future__ import annotations
@@ -387,8 +389,19 @@ def prepare_volumes(args) -> list[dict]:
         paths += sorted(p for p in item.rglob("*") if is_image_file(p)) if item.is_dir() else [item]
     if not paths:
         raise ReadError(f"no volume files found in {args.inputs}")
+    # With --group_by, val/test take whole volumes (or whole patients); without it, the last slices of every volume.
+    grouped = args.group_by is not None and (args.val_fraction > 0 or args.test_fraction > 0)
+    fractions = (0.0, 0.0) if grouped else (args.val_fraction, args.test_fraction)
     rows = volume_rows(paths, meta_path, parse_axis(args.slice_axis), args.slice_stride, args.min_foreground,
-                       args.label, args.label_name, args.val_fraction, args.test_fraction, args.split)
+                       args.label, args.label_name, *fractions, None if grouped else args.split)
+    if grouped:
+        key = group_function("identifier" if args.group_by == "volume" else args.group_by)
+        grouped_splits(rows, key, args.val_fraction, args.test_fraction, args.seed, args.group_by)
+        for line in leak_report(rows, key, args.group_by):
+            print(line)
+    elif len(paths) > 1 and (args.val_fraction > 0 or args.test_fraction > 0):
+        print(f"note: val/test are the last slices of each of the {len(paths)} volumes, so every volume (patient) is "
+              "in train too; --group_by volume puts whole volumes in val/test")
     if args.window is not None:
         parse_window(args.window)  # validate early; the window is a reading option, stored per row
         for row in rows:
@@ -595,6 +608,10 @@ def parse_args(argv=None):
     p.add_argument("--split", default="train", choices=SPLITS, help="split of every row (without the fractions)")
     p.add_argument("--val_fraction", type=float, default=0.0, help="last contiguous slices of each volume go to 'val'")
     p.add_argument("--test_fraction", type=float, default=0.0, help="the very last contiguous slices go to 'test'")
+    p.add_argument("--group_by", default=None,
+                   help="split whole groups instead of slices: 'volume' (each file), a column, or re:PATTERN on the "
+                        "identifier (e.g. the patient in the file name); the fractions then count rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the group assignment")
     p.add_argument("--window", default=None, help="CT window stored on every row (preset name or 'level,width')")
 
     p = sub.add_parser("dicom", help="a DICOM tree (series folders) -> one row per slice or per series, grouped splits")

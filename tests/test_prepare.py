@@ -309,3 +309,46 @@ def test_assign_group_splits_meets_fractions_and_keeps_presets():
     assert got == assign_group_splits(sizes, {}, 0.1, 0.2, seed=0)
     got = assign_group_splits({"big": 50, **sizes}, {"big": "test", "g0": "val"}, 0.1, 0.2, seed=0)
     assert got["big"] == "test" and got["g0"] == "val" and "test" not in {got[f"g{i}"] for i in range(1, 100)}
+
+
+def test_volumes_grouped_split_keeps_each_volume_or_patient_in_one_split(tmp_path, capsys):
+    nib = pytest.importorskip("nibabel")
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "vols"
+    folder.mkdir()
+    for subject in range(4):
+        for scan in ("t1", "t2"):
+            volume = rng.integers(0, 1000, (6, 8, 8)).astype(np.int16)
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / f"sub-{subject}_{scan}.nii.gz")
+    meta = tmp_path / "v.csv"
+
+    def split_of(rows, key):
+        seen = {}
+        for r in rows:
+            seen.setdefault(key(r), set()).add(r["split"])
+        return seen
+
+    # ungrouped: every volume is cut, its last slices in val (and a note says so)
+    main(parse_args(["volumes", "--inputs", str(folder), "--meta_path", str(meta), "--val_fraction", "0.25"]))
+    rows = read_metadata(meta)
+    assert len(rows) == 8 * 8 and all(s == {"train", "val"} for s in split_of(rows, lambda r: r["identifier"]).values())
+    assert "--group_by volume" in capsys.readouterr().out
+    # by volume: 2 of 8 volumes in val, none cut
+    main(parse_args(["volumes", "--inputs", str(folder), "--meta_path", str(meta), "--val_fraction", "0.25",
+                     "--group_by", "volume", "--seed", "3"]))
+    rows = read_metadata(meta)
+    per_volume = split_of(rows, lambda r: r["identifier"])
+    assert len(per_volume) == 8 and all(len(s) == 1 for s in per_volume.values())
+    assert sorted(next(iter(s)) for s in per_volume.values()) == ["train"] * 6 + ["val"] * 2
+    assert "no group spans two splits" in capsys.readouterr().out
+    # by patient: both scans of a subject land together; 1 of 4 subjects in val
+    main(parse_args(["volumes", "--inputs", str(folder), "--meta_path", str(meta), "--val_fraction", "0.25",
+                     "--test_fraction", "0.25", "--group_by", r"re:(sub-\d+)_"]))
+    rows = read_metadata(meta)
+    per_subject = split_of(rows, lambda r: Path(r["identifier"]).name.split("_")[0])
+    assert len(per_subject) == 4 and all(len(s) == 1 for s in per_subject.values())
+    assert sorted(next(iter(s)) for s in per_subject.values()) == ["test", "train", "train", "val"]
+    # a grouping that does not match every file is refused, naming the file
+    with pytest.raises(ReadError, match=r"sub-\d_t\d\.nii\.gz.*no value for --group_by"):
+        main(parse_args(["volumes", "--inputs", str(folder), "--meta_path", str(meta), "--val_fraction", "0.25",
+                         "--group_by", r"re:patient(\d+)"]))
