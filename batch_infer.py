@@ -572,6 +572,40 @@ def plan_run(args, rows: list[dict], output_dir: Path, state_dir: Path, ext: str
             "ours": sorted(set(claims) | set(RESERVED))}
 
 
+def rank_share(names: list[str | None], rank: int, world: int) -> dict[str, int]:
+    """This rank's share of the outputs, {name: the first row that wants it}: each distinct name once (rows
+    with the same input share it; refused rows, None, are nobody's), in order of first appearance, dealt
+    round-robin over the `world` ranks, so shares differ by at most one name."""
+    first_row: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name is not None:
+            first_row.setdefault(name, i)
+    return {name: first_row[name] for name in list(first_row)[rank::world]}
+
+
+def check_share(share: dict[str, int], plan: dict, rows: list[dict], output_dir: Path, shape, dtype,
+                progress: bool = False) -> tuple[list[dict], set[str], dict[str, str]]:
+    """Split a rank's share (rank_share) into (items to do, names an earlier run finished, {name: reason}
+    for rows a reader died on in an earlier run). Finished means: the journal records the output as made
+    from the same input (key and size/mtime) and the file loads with the expected shape and dtype."""
+    todo: list[dict] = []
+    reused: set[str] = set()
+    failed: dict[str, str] = {}
+    for name, i in tqdm(share.items(), desc="checking existing outputs", disable=not progress, leave=False):
+        key = plan["keys"][i]
+        stat = input_stat(key)
+        if name in plan["crashed"]:
+            failed[name] = (f"skipped: {plan['crashed'][name].get('reason')} in an earlier run "
+                            "(--retry_crashed reads it again)")
+            continue
+        rec = plan["done"].get(name)
+        if rec and rec.get("key") == key and rec.get("stat") == stat and output_ok(output_dir / name, shape, dtype):
+            reused.add(name)
+        else:
+            todo.append({"name": name, "key": key, "stat": stat, "row": rows[i]})
+    return todo, reused, failed
+
+
 def main(args) -> int:
     rank, world, device = setup_distributed(timeout=COLLECTIVE_TIMEOUT)
     output_dir = Path(args.output_dir)
@@ -626,31 +660,13 @@ def run(args, rank: int, world: int, device: torch.device, output_dir: Path, sta
         return plan
 
     plan = on_rank0(world, rank, prepare)
-    names, errors, keys = plan["names"], plan["errors"], plan["keys"]
+    names, errors = plan["names"], plan["errors"]
 
-    # Each distinct output once, strided over ranks; rows with the same input share it.
-    first_row: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name is not None:
-            first_row.setdefault(name, i)
-    mine = list(first_row)[rank::world]
-    todo: list[dict] = []
-    reused: set[str] = set()
-    failed: dict[str, str] = {}
-    for name in tqdm(mine, desc="checking existing outputs", disable=rank != 0 or args.no_progress, leave=False):
-        i = first_row[name]
-        stat = input_stat(keys[i])
-        if name in plan["crashed"]:
-            failed[name] = (f"skipped: {plan['crashed'][name].get('reason')} in an earlier run "
-                            "(--retry_crashed reads it again)")
-            continue
-        rec = plan["done"].get(name)
-        if rec and rec.get("key") == keys[i] and rec.get("stat") == stat and output_ok(output_dir / name, shape, dtype):
-            reused.add(name)
-        else:
-            todo.append({"name": name, "key": keys[i], "stat": stat, "row": rows[i]})
+    # Each distinct output once, dealt over ranks; each rank checks its own share for finished outputs.
+    todo, reused, failed = check_share(rank_share(names, rank, world), plan, rows, output_dir, shape, dtype,
+                                       progress=rank == 0 and not args.no_progress)
     if rank == 0:
-        print(f"{len(rows)} rows, {len(first_row)} distinct inputs; this process: {len(todo)} to do, "
+        print(f"{len(rows)} rows, {len(set(names) - {None})} distinct inputs; this process: {len(todo)} to do, "
               f"{len(reused)} already done; {sum(e is not None for e in errors)} rows refused; "
               f"{args.infer_type} {tuple(shape)} at {image_size}px on {device}" + (f" ({world} processes)" if world > 1 else ""))
 

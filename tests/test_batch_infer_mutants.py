@@ -1,6 +1,7 @@
 """batch_infer's output naming and skip-finished checks, against names written out by hand (tests added
 for mutation testing, docs/MUTATION.md). Pure functions only: no model, no files beyond a few bytes."""
 import hashlib
+import os
 import json
 
 import pytest
@@ -106,3 +107,93 @@ def test_read_jsonl_skips_torn_and_non_records(tmp_path):
     assert bi.read_jsonl(p) == [{"name": "a"}, {"name": "b"}]
     bi.append_jsonl(p, [])
     assert p.read_text(encoding="utf-8").endswith('"c')
+
+
+# ---- the row sharding over ranks and the skip-finished decision (issue 19) ----------------------------
+SHARD_CASES = [  # (names of the rows, None = refused; world)
+    (["a", "b", "c", "d", "e", "f", "g"], 2),
+    (["a", "b", "c", "d", "e", "f", "g"], 3),
+    (["a", None, "b", "a", "c", None, "b", "d"], 3),  # shared inputs and refused rows
+    (["a", "b"], 5),  # more ranks than outputs
+    (["a", "a", "a"], 2),
+    ([None, None], 2),
+    ([], 4),
+    (["x", "y", "z"], 1),
+]
+
+
+@pytest.mark.parametrize("names,world", SHARD_CASES)
+def test_rank_share_deals_each_distinct_output_to_one_rank(names, world):
+    distinct = sorted({n for n in names if n is not None}, key=names.index)  # order of first appearance
+    shares = [bi.rank_share(names, rank, world) for rank in range(world)]
+    for rank, share in enumerate(shares):
+        # rank r gets distinct outputs r, r + world, r + 2 world, ...: ceil((D - r) / world) of them
+        assert len(share) == max(0, -(-(len(distinct) - rank) // world))
+        assert list(share) == [n for k, n in enumerate(distinct) if k % world == rank]
+        assert all(share[n] == names.index(n) for n in share)  # the first row that wants the name
+    union = [n for share in shares for n in share]
+    assert len(union) == len(set(union)) and set(union) == set(distinct)  # disjoint, and together all of them
+
+
+def test_rank_share_by_hand():
+    names = ["a", None, "b", "a", "c", None, "b", "d", "e"]
+    assert bi.rank_share(names, 0, 2) == {"a": 0, "c": 4, "e": 8}
+    assert bi.rank_share(names, 1, 2) == {"b": 2, "d": 7}
+    assert bi.rank_share(names, 0, 1) == {"a": 0, "b": 2, "c": 4, "d": 7, "e": 8}
+    assert bi.rank_share(["a", "b"], 3, 4) == {}
+
+
+def plan_with(tmp_path, n_inputs, finished, crashed=()):
+    """Input files in0..in{n-1} and a plan whose rows want out{k}.pt for input k (row n repeats input 0);
+    the outputs in `finished` are written with the journal records an earlier run leaves."""
+    rows, keys, names, done = [], [], [], {}
+    for k in list(range(n_inputs)) + [0]:
+        src = tmp_path / f"in{k}.png"
+        src.write_bytes(b"x" * (k + 1))
+        rows.append({"identifier": src.name, "row": len(rows)})
+        keys.append(json.dumps([str(src), None, None, None, None]))
+        names.append(f"out{k}.pt")
+    for k in finished:
+        torch.save(torch.zeros(2, 3, dtype=torch.int64), tmp_path / f"out{k}.pt")
+        st = os.stat(tmp_path / f"in{k}.png")
+        done[f"out{k}.pt"] = {"name": f"out{k}.pt", "key": keys[k], "stat": [st.st_size, st.st_mtime_ns]}
+    crashed = {f"out{k}.pt": {"name": f"out{k}.pt", "reason": f"boom {k}"} for k in crashed}
+    return rows, {"names": names, "keys": keys, "done": done, "crashed": crashed}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_ranks_redo_exactly_the_unfinished_outputs(tmp_path, world):
+    finished, crashed = {0, 3, 4}, {5}
+    rows, plan = plan_with(tmp_path, 7, finished, crashed)
+    todo, reused, failed = [], set(), {}
+    for rank in range(world):
+        t, r, f = bi.check_share(bi.rank_share(plan["names"], rank, world), plan, rows, tmp_path, (2, 3), torch.int64)
+        assert len(t) + len(r) + len(f) == len(bi.rank_share(plan["names"], rank, world))
+        todo += t
+        reused |= r
+        failed.update(f)
+    assert sorted(it["name"] for it in todo) == ["out1.pt", "out2.pt", "out6.pt"]  # each once, on one rank
+    assert reused == {"out0.pt", "out3.pt", "out4.pt"}
+    assert failed == {"out5.pt": "skipped: boom 5 in an earlier run (--retry_crashed reads it again)"}
+    for it in todo:
+        k = int(it["name"][3:-3])
+        st = os.stat(tmp_path / f"in{k}.png")
+        assert it == {"name": f"out{k}.pt", "key": plan["keys"][k], "stat": [st.st_size, st.st_mtime_ns], "row": rows[k]}
+
+
+def test_check_share_redoes_whatever_does_not_match_the_journal(tmp_path):
+    rows, plan = plan_with(tmp_path, 6, finished=range(6), crashed=[5])
+    share = {f"out{k}.pt": k for k in range(6)}
+    plan["done"]["out1.pt"]["key"] = plan["keys"][2]  # made from another input
+    plan["done"]["out2.pt"]["stat"][1] += 1  # the input was modified since
+    torch.save(torch.zeros(3, 2, dtype=torch.int64), tmp_path / "out3.pt")  # wrong shape
+    (tmp_path / "out4.pt").write_bytes(b"torn")
+    todo, reused, failed = bi.check_share(share, plan, rows, tmp_path, (2, 3), torch.int64, progress=False)
+    assert [it["name"] for it in todo] == ["out1.pt", "out2.pt", "out3.pt", "out4.pt"]
+    assert reused == {"out0.pt"}
+    assert list(failed) == ["out5.pt"]  # a crash wins over a finished record
+    del plan["done"]["out0.pt"]  # no record: redone even though the file is fine
+    (tmp_path / "in1.png").unlink()  # a vanished input has no stat
+    todo, reused, _ = bi.check_share({"out0.pt": 0, "out1.pt": 1}, plan, rows, tmp_path, (2, 3), torch.int64)
+    assert [(it["name"], it["stat"]) for it in todo] == [("out0.pt", [1, os.stat(tmp_path / "in0.png").st_mtime_ns]),
+                                                         ("out1.pt", None)] and reused == set()
