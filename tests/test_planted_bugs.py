@@ -13,7 +13,7 @@ from scripts.planted_bugs import BUGS, ROOT, plant
 def test_each_planted_bug_still_applies_once_and_names_existing_tests(bug, tmp_path):
     source = (ROOT / bug.path).read_text()
     assert source.count(bug.old) == 1, f"{bug.path} changed: update the {bug.name} plant"
-    (tmp_path / bug.path).parent.mkdir(parents=True)
+    (tmp_path / bug.path).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / bug.path).write_text(source)
     plant(tmp_path, bug)
     planted = (tmp_path / bug.path).read_text()
@@ -23,7 +23,7 @@ def test_each_planted_bug_still_applies_once_and_names_existing_tests(bug, tmp_p
 
 def test_a_plant_whose_code_moved_is_an_error_not_a_pass(tmp_path):
     bug = BUGS[0]
-    (tmp_path / bug.path).parent.mkdir(parents=True)
+    (tmp_path / bug.path).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / bug.path).write_text("nothing to change here\n")
     with pytest.raises(LookupError, match="occurs 0 times"):
         plant(tmp_path, bug)
