@@ -4,6 +4,7 @@ rotary table and rotation, the caption attention mask by hand, label and caption
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -237,7 +238,11 @@ def test_condition_errors_are_named():
     builtin = Transformer(tiny_args(model_type="t2i", cls_token_num=5, caption_dim=24, text_vocab_size=20, text_layers=1))
     with pytest.raises(ValueError) as err:
         builtin.embed_condition(torch.randn(2, 5, 24))
-    assert "this t2i model has its own text encoder: cond must be word ids [B, T], not features" in str(err.value)
+    assert str(err.value) == "this t2i model has its own text encoder: cond must be word ids [B, T], not features"
+    features_only = Transformer(tiny_args(model_type="t2i", cls_token_num=5, caption_dim=24))
+    with pytest.raises(ValueError) as err:
+        features_only.embed_condition(torch.zeros(2, 5, dtype=torch.long))
+    assert str(err.value) == "this t2i model reads caption features [B, T, caption_dim]; got integer ids"
 
 
 @pytest.mark.parametrize("silenced", ["attention", "feed_forward"])
@@ -256,3 +261,264 @@ def test_drop_path_on_each_residual_branch(silenced):
     dropped = (y - x).abs().amax((1, 2)) == 0
     kept = (y - (x + 2 * branch)).abs().amax((1, 2)) < 1e-5
     assert (dropped | kept).all() and dropped.any() and kept.any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Construction: initial weights, per-module settings from the config, parameter shapes by formula
+# ----------------------------------------------------------------------------------------------
+def _t2i_builtin(**kw):
+    return tiny_args(**{"model_type": "t2i", "cls_token_num": 5, "caption_dim": 24, "text_vocab_size": 20, "text_layers": 1, **kw})
+
+
+@pytest.mark.parametrize("kind", ["c2i", "t2i"])
+def test_initial_weights_follow_the_documented_init(kind):
+    """LlamaGen's init: every Linear and Embedding weight ~ N(0, initializer_range), every Linear bias 0, and
+    the code head's weight 0 (uniform first predictions). PyTorch's own defaults differ: kaiming-uniform
+    Linear weights (std 1/sqrt(3 fan_in), 0.072 at width 64), N(0, 1) embeddings, non-zero biases."""
+    from models.gpt import RMSNorm as Norm, Transformer
+    std = 0.05
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(initializer_range=std) if kind == "c2i" else _t2i_builtin(initializer_range=std))
+    head = model.output.linear_head
+    assert torch.equal(head.weight, torch.zeros_like(head.weight)) and torch.equal(head.bias, torch.zeros_like(head.bias))
+    checked = 0
+    for name, m in model.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and m is not head:
+            w, n = m.weight.detach().double(), m.weight.numel()
+            assert abs(w.mean().item()) < 4 * std / math.sqrt(n), name  # 4 standard errors
+            assert abs(w.std().item() / std - 1) < 4 / math.sqrt(2 * n), name
+            checked += 1
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+        if isinstance(m, Norm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)), name
+    # c2i: 4 token tables, 3 head tables, the label table, 4 linears in each of 3 blocks + 1 + 2 (wqkv, wo, w1..w3)
+    assert checked == (4 + 3 + 1 + 5 * 3 if kind == "c2i" else 4 + 3 + 5 * 3 + 2 + 2 + 4)
+    if kind == "t2i":  # the null caption keeps its own scale (randn / sqrt(caption_dim))
+        assert abs(model.cls_embedding.uncond_embedding.std().item() - 24 ** -0.5) < 0.05
+
+
+def test_norm_eps_and_drop_path_rates_come_from_the_config():
+    from models.gpt import RMSNorm as Norm, Transformer
+    model = Transformer(tiny_args(norm_eps=1e-2, n_layer=5, n_output_layer=2, drop_path_rate=0.4))
+    norms = [m for m in model.modules() if isinstance(m, Norm)]
+    assert len(norms) == 2 * (5 + 2) + 2 and all(m.eps == 1e-2 for m in norms)  # 2 per block, final, head's
+    # Stochastic depth grows linearly over the main stack, from 0 to drop_path_rate; the head's blocks have none.
+    assert [layer.drop_path_p for layer in model.layers] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    assert [layer.drop_path_p for layer in model.output.layers] == [0.0, 0.0]
+
+
+def test_parameter_shapes_by_formula():
+    """Every key and shape written out from the config (grouped-query attention, two head layers, t2i with
+    a text encoder of 2 blocks): the fused qkv holds n_head + 2 n_kv_head heads; SwiGLU hidden =
+    find_multiple(int(8 dim / 3), multiple_of); K token tables, K - 1 head tables of vocab_size / K rows."""
+    from models.gpt import Transformer
+    c = _t2i_builtin(n_kv_head=2, n_output_layer=2, multiple_of=48, text_layers=2)
+    dim, hd, K, V, hidden = 64, 16, 4, 32, 192  # find_multiple(170, 48) = 192
+    want = {f"tok_embeddings.codebooks.{k}.weight": (V, dim) for k in range(K)}
+    want.update({f"output.codebooks.{k}.weight": (V, dim) for k in range(K - 1)})
+    for prefix in [f"layers.{i}." for i in range(2)] + [f"output.layers.{j}." for j in range(2)]:
+        want.update({prefix + "attention.wqkv.weight": ((4 + 2 * 2) * hd, dim), prefix + "attention.wo.weight": (dim, dim),
+                     prefix + "feed_forward.w1.weight": (hidden, dim), prefix + "feed_forward.w3.weight": (hidden, dim),
+                     prefix + "feed_forward.w2.weight": (dim, hidden), prefix + "attention_norm.weight": (dim,),
+                     prefix + "ffn_norm.weight": (dim,)})
+    want.update({"norm.weight": (dim,), "output.norm.weight": (dim,), "output.linear_head.weight": (V, dim),
+                 "output.linear_head.bias": (V,), "cls_embedding.cap_proj.fc1.weight": (dim, 24),
+                 "cls_embedding.cap_proj.fc2.weight": (dim, dim), "cls_embedding.uncond_embedding": (5, 24),
+                 "text_encoder.word_embeddings.weight": (20, 24), "text_encoder.position_embeddings.weight": (5, 24),
+                 "text_encoder.norm.weight": (24,), "text_encoder.norm.bias": (24,)})
+    for b in range(2):
+        p = f"text_encoder.blocks.{b}."
+        want.update({p + "norm1.weight": (24,), p + "norm1.bias": (24,), p + "norm2.weight": (24,), p + "norm2.bias": (24,),
+                     p + "qkv.weight": (72, 24), p + "qkv.bias": (72,), p + "proj.weight": (24, 24), p + "proj.bias": (24,),
+                     p + "fc1.weight": (96, 24), p + "fc1.bias": (96,), p + "fc2.weight": (24, 96), p + "fc2.bias": (24,)})
+    got = {k: tuple(v.shape) for k, v in Transformer(c).state_dict().items()}
+    assert got == want
+
+
+def test_text_encoder_dropout_is_the_configs():
+    """With every dropout of the config at 0 a t2i model with its own text encoder computes the same loss in
+    train and eval mode (the text encoder's own default dropout is 0.1); a config value reaches its blocks."""
+    from models.gpt import Transformer
+    from test_gpt import randomize
+    model = randomize(Transformer(_t2i_builtin(class_dropout_prob=0.0)))
+    assert model.text_encoder.blocks[0].dropout.p == 0.0
+    ids = torch.randint(1, 20, (3, 5), generator=torch.Generator().manual_seed(0))
+    codes = torch.randint(0, 32, (3, 4, 16), generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    train = model.train()(codes[:, :, :-1], ids, targets=codes)[1]
+    assert train == model.eval()(codes[:, :, :-1], ids, targets=codes)[1]
+    assert Transformer(_t2i_builtin(resid_dropout_p=0.3)).text_encoder.blocks[0].dropout.p == 0.3
+    assert Transformer(tiny_args()).config.model_type == "c2i" and not hasattr(Transformer(tiny_args()), "text_encoder")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: the config from shapes, the tokenizer part of a VQ-embedding GPT, strict loading
+# ----------------------------------------------------------------------------------------------
+def _official_gpt_b_meta_state_dict():
+    """The released GPT-B's keys and shapes (tests/data/gpt_b_c2i_official.keys.tsv), as meta tensors."""
+    from pathlib import Path
+    rows = (Path(__file__).parent / "data" / "gpt_b_c2i_official.keys.tsv").read_text().splitlines()
+    sd = {}
+    for name, shape, _ in (line.split("\t") for line in rows if line):
+        sd[name] = torch.empty(tuple(int(d) for d in shape.split("x")), device="meta")
+    return sd
+
+
+def test_infer_config_of_the_released_gpt_b_key_list():
+    from models.gpt import Transformer, infer_config
+    sd = _official_gpt_b_meta_state_dict()
+    cfg = infer_config(sd)
+    # The released GPT-B: 12 layers of width 768 (12 heads, from the registry), 1 head layer, 8 codebooks of
+    # 4096 codes, 6 classes + the null row, SwiGLU 2048 = find_multiple(2048, 256) (so multiple_of keeps its default).
+    assert cfg == dict(dim=768, n_layer=12, n_output_layer=1, num_codebooks=8, vocab_size=32768, class_dropout_prob=0.1,
+                       cls_token_num=1, block_size=256, cond_rotation="zero", num_classes=6, n_head=12, n_kv_head=None)
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**cfg))
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == {k: tuple(v.shape) for k, v in sd.items()}
+    assert infer_config(sd, block_size=64, cls_token_num=3)["block_size"] == 64  # overrides win
+
+
+def _shapes_only(config: ModelArgs) -> dict:
+    from models.gpt import Transformer
+    with torch.device("meta"):
+        return Transformer(config).state_dict()
+
+
+def test_infer_config_grouped_query_attention_and_swiglu_width():
+    from models.gpt import infer_config
+    # dim 128 (GPT-Tiny's width), 8 heads of 16 with 2 key/value heads; SwiGLU int(8 * 128 / 3) = 341 -> 384
+    # with multiple_of 96 (find_multiple(341, 256) would be 512): multiple_of = the width itself reproduces it.
+    config = ModelArgs(dim=128, n_layer=3, n_head=8, n_kv_head=2, n_output_layer=2, multiple_of=96, vocab_size=96,
+                       num_codebooks=3, num_classes=4, block_size=16)
+    sd = _shapes_only(config)
+    cfg = infer_config(sd, n_head=8)
+    assert cfg == dict(dim=128, n_layer=3, n_output_layer=2, num_codebooks=3, vocab_size=96, class_dropout_prob=0.1,
+                       cls_token_num=1, block_size=256, cond_rotation="zero", num_classes=4, n_head=8, n_kv_head=2,
+                       multiple_of=384)
+    assert ModelArgs(**{**cfg, "block_size": 16}).ffn_hidden_dim == 384
+    assert infer_config(sd, n_head=8, n_kv_head=4)["n_kv_head"] == 4  # given, not inferred
+    given = infer_config(sd, n_head=8, multiple_of=96)
+    assert given["multiple_of"] == 96
+    assert "multiple_of" not in infer_config(sd, n_head=8, ffn_dim_multiplier=1.0)
+    # Without n_head the registry's GPT-Tiny (4 heads of 32) is assumed: 12 rows of 16 = 6 of 32 -> 1 kv head.
+    assert infer_config(sd)["n_kv_head"] == 1
+    # As many kv heads as heads: plain multi-head attention (None).
+    assert infer_config(_shapes_only(ModelArgs(dim=128, n_layer=1, n_head=4, n_kv_head=4, vocab_size=64, num_codebooks=2,
+                                               block_size=16)))["n_kv_head"] is None
+
+
+def test_infer_config_refusals_name_what_is_missing():
+    from models.checkpoint import CheckpointError
+    from models.gpt import infer_config
+    sd = _shapes_only(ModelArgs(dim=128, n_layer=1, n_head=4, vocab_size=64, num_codebooks=2, block_size=16))
+    for key in ("layers.0.attention.wqkv.weight", "tok_embeddings.codebooks.0.weight", "cls_embedding.embedding_table.weight"):
+        broken = {k: v for k, v in sd.items() if k != key}
+        with pytest.raises(CheckpointError) as err:
+            infer_config(broken)
+        assert str(err.value) == f"cannot infer a GPT config: state dict lacks {[key]}"
+    odd = _shapes_only(ModelArgs(dim=96, n_layer=1, n_head=4, vocab_size=64, num_codebooks=2, block_size=16, multiple_of=32))
+    with pytest.raises(CheckpointError) as err:
+        infer_config(odd)
+    assert str(err.value) == ("cannot infer n_head for dim=96 (registry dims: [128, 384, 768, 1024, 1280, 1536, 2560]); "
+                              "pass n_head=...")
+    assert infer_config(odd, n_head=4)["dim"] == 96
+    # A SwiGLU narrower than int(8 dim / 3) cannot come from multiple_of alone: 0.5 * 341 -> 170 -> 192 < 341.
+    narrow = _shapes_only(ModelArgs(dim=128, n_layer=1, n_head=4, vocab_size=64, num_codebooks=2, block_size=16,
+                                    multiple_of=32, ffn_dim_multiplier=0.5))
+    with pytest.raises(CheckpointError) as err:
+        infer_config(narrow)
+    assert str(err.value) == "SwiGLU width 192 < 341: pass ffn_dim_multiplier/multiple_of"
+    assert infer_config(narrow, ffn_dim_multiplier=0.5, multiple_of=32)["dim"] == 128
+
+
+def test_infer_config_of_t2i_and_vq_embedding_layouts():
+    from models.gpt import infer_config
+    t2i = ModelArgs(dim=128, n_layer=2, n_head=4, vocab_size=64, num_codebooks=2, block_size=16, model_type="t2i",
+                    cls_token_num=6, caption_dim=40, multiple_of=256)
+    assert infer_config(_shapes_only(t2i)) == dict(
+        dim=128, n_layer=2, n_output_layer=1, num_codebooks=2, vocab_size=64, class_dropout_prob=0.1, cls_token_num=6,
+        block_size=256, cond_rotation="zero", caption_dim=40, model_type="t2i", n_head=4, n_kv_head=None)
+    for layers in (3, 0):  # 0: word and position embeddings only (no text_encoder.blocks.* keys)
+        builtin = ModelArgs(**{**asdict(t2i), "text_vocab_size": 30, "text_layers": layers})
+        cfg = infer_config(_shapes_only(builtin))
+        assert (cfg["text_vocab_size"], cfg["text_layers"], cfg["caption_dim"], cfg["cls_token_num"]) == (30, layers, 40, 6)
+    with pytest.raises(Exception) as err:  # a caption projection without its null caption
+        infer_config({k: v for k, v in _shapes_only(t2i).items() if k != "cls_embedding.uncond_embedding"})
+    assert "lacks ['cls_embedding.uncond_embedding']" in str(err.value)
+    # Token embeddings from a tokenizer: 3 codebooks of 16 codes, latent width 12 -> post_quant_proj width 48, 2 heads.
+    vq = ModelArgs(dim=128, n_layer=1, n_head=4, vocab_size=48, num_codebooks=3, block_size=16, num_classes=5,
+                   vq_embed_width=48, vq_embed_vocab_width=12, vq_embed_heads=2)
+    cfg = infer_config(_shapes_only(vq))
+    assert cfg == dict(dim=128, n_layer=1, n_output_layer=1, num_codebooks=3, vocab_size=48, class_dropout_prob=0.1,
+                       cls_token_num=1, block_size=256, cond_rotation="zero", num_classes=5, vq_embed_width=48,
+                       vq_embed_vocab_width=12, vq_embed_heads=4, n_head=4, n_kv_head=None)  # heads: 48 // 12 (no trace)
+    with pytest.raises(Exception) as err:
+        infer_config({k: v for k, v in _shapes_only(vq).items() if k != "tok_embeddings.post_quant_proj.proj.weight"})
+    assert "lacks ['tok_embeddings.post_quant_proj.proj.weight']" in str(err.value)
+
+
+def test_vq_embed_dims_rules():
+    from models.gpt import vq_embed_dims
+    sd = {"tok.post_quant_proj.proj.weight": torch.empty(48, 12)}
+    assert vq_embed_dims(sd, "tok.") == dict(vq_embed_width=48, vq_embed_vocab_width=12, vq_embed_heads=4)
+    assert vq_embed_dims(sd, "tok.", {"proj_heads": 3})["vq_embed_heads"] == 3  # the tokenizer's config says so
+    assert vq_embed_dims(sd, "tok.", {"proj_heads": 0})["vq_embed_heads"] == 4  # 0: the MedITok rule
+    narrow = {"post_quant_proj.proj.weight": torch.empty(8, 12)}  # wider latent than output: at least one head
+    assert vq_embed_dims(narrow)["vq_embed_heads"] == 1
+    assert all(type(v) is int for v in vq_embed_dims(sd, "tok.").values())
+
+
+def _tokenizer_part(width=48, vocab_width=12, K=3, codes=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {f"quantizer.codebooks.{k}.codebook.weight": torch.randn(codes, vocab_width // K, generator=g) for k in range(K)}
+    sd["post_quant_proj.proj.weight"] = torch.randn(width, vocab_width, generator=g)
+    sd["encoder.blocks.0.weight"] = torch.randn(4, generator=g)  # the rest of a tokenizer, left out
+    return sd
+
+
+def test_load_vq_embedding_layouts_and_refusal(tmp_path):
+    from models.checkpoint import CheckpointError
+    from models.gpt import load_vq_embedding
+    sd = _tokenizer_part()
+    ema = {k: v + 1 for k, v in sd.items()}
+    part_keys = sorted(k for k in sd if not k.startswith("encoder."))
+    torch.save({"model": sd, "ema": ema, "config": {"proj_heads": 6}}, tmp_path / "ours.pt")
+    part, dims = load_vq_embedding(tmp_path / "ours.pt")
+    assert sorted(part) == part_keys and all(torch.equal(part[k], ema[k]) for k in part)  # EMA weights preferred
+    assert dims == dict(vq_embed_width=48, vq_embed_vocab_width=12, vq_embed_heads=6)  # heads from its config
+    torch.save({"trainer": {"unitok": sd}, "config": {"proj_heads": 6}}, tmp_path / "trainer.pth")
+    part, dims = load_vq_embedding(tmp_path / "trainer.pth")
+    assert sorted(part) == part_keys and all(torch.equal(part[k], sd[k]) for k in part)
+    assert dims["vq_embed_heads"] == 4  # the released trainer format has no config of ours: width // vocab_width
+    torch.save({"model": sd, "config": "not a dict"}, tmp_path / "odd.pt")
+    assert load_vq_embedding(tmp_path / "odd.pt")[1]["vq_embed_heads"] == 4
+    torch.save({"trainer": {"other": sd}, "model": sd}, tmp_path / "no_unitok.pt")
+    assert sorted(load_vq_embedding(tmp_path / "no_unitok.pt")[0]) == part_keys
+    for drop in ("quantizer.codebooks.0.codebook.weight", "post_quant_proj.proj.weight"):
+        torch.save({k: v for k, v in sd.items() if k != drop}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError) as err:
+            load_vq_embedding(tmp_path / "bad.pt")
+        keys = sorted(k for k in sd if k != drop)[:5]
+        assert str(err.value) == (f"{tmp_path / 'bad.pt'}: not a MedITok tokenizer checkpoint (no quantizer.codebooks.* / "
+                                  f"post_quant_proj.* weights); keys start with {keys}")
+
+
+def test_load_gpt_applies_overrides_and_names_the_source_of_a_mismatch(tmp_path):
+    from models.checkpoint import CheckpointError
+    from models.gpt import Transformer, load_gpt
+    config = tiny_args()
+    model = Transformer(config)
+    torch.save({"model": model.state_dict(), "config": asdict(config)}, tmp_path / "ours.pt")
+    loaded, ckpt = load_gpt(tmp_path / "ours.pt", cls_token_num=2, class_dropout_prob=0.2)  # no shape depends on them
+    assert (loaded.config.cls_token_num, loaded.config.class_dropout_prob) == (2, 0.2) and not loaded.training
+    assert ckpt["config"] == asdict(config)  # the raw checkpoint, not the overridden config
+    assert all(p.device.type == "cpu" for p in loaded.parameters())  # real tensors, not the meta placeholders
+    assert loaded.config.cond_rotation == "zero"
+    sd = model.state_dict()
+    del sd["norm.weight"]
+    for name, obj, where in (("plain.pt", sd, "plain"), ("ema.pt", {"ema": sd, "config": asdict(config)}, "ema")):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(CheckpointError) as err:
+            load_gpt(tmp_path / name, n_head=4, block_size=16, multiple_of=32) if where == "plain" else load_gpt(tmp_path / name)
+        assert f"{tmp_path / name} [{where}] as {{" in str(err.value) and "norm.weight" in str(err.value)
