@@ -1,14 +1,16 @@
 """batch_infer's output naming and skip-finished checks, against names written out by hand (tests added
 for mutation testing, docs/MUTATION.md). Pure functions only: no model, no files beyond a few bytes."""
 import hashlib
-import os
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import batch_infer as bi
+from datasets.readers import DEFAULT_MAX_PIXELS
 
 
 def test_strip_image_extension():
@@ -197,3 +199,121 @@ def test_check_share_redoes_whatever_does_not_match_the_journal(tmp_path):
     todo, reused, _ = bi.check_share({"out0.pt": 0, "out1.pt": 1}, plan, rows, tmp_path, (2, 3), torch.int64)
     assert [(it["name"], it["stat"]) for it in todo] == [("out0.pt", [1, os.stat(tmp_path / "in0.png").st_mtime_ns]),
                                                          ("out1.pt", None)] and reused == set()
+
+
+def test_check_share_progress_bar_only_when_asked(tmp_path, capsys):
+    rows, plan = plan_with(tmp_path, 2, finished=[])
+    share = {"out0.pt": 0, "out1.pt": 1}
+    bi.check_share(share, plan, rows, tmp_path, (2, 3), torch.int64)  # default: no bar (ranks other than 0)
+    assert capsys.readouterr().err == ""
+    bi.check_share(share, plan, rows, tmp_path, (2, 3), torch.int64, progress=True)
+    err = capsys.readouterr().err
+    # tqdm draws on stderr even when it is not a terminal; leave=False clears the bar when done (ends in '\r')
+    assert err.startswith("\rchecking existing outputs: ") and "0/2" in err and err.endswith("\r")
+
+
+# ---- what a run writes: outputs, failure records, the preprocessing it passes on -----------------------
+def test_save_output_writes_what_readers_read_back(tmp_path):
+    batch = torch.arange(4 * 2 * 3, dtype=torch.int64).reshape(4, 2, 3)
+    bi.save_output(batch[1], tmp_path / "a" / "x.pt")
+    got = torch.load(tmp_path / "a" / "x.pt", weights_only=True)
+    assert torch.equal(got, batch[1])
+    assert got.untyped_storage().nbytes() == 2 * 3 * 8  # the row alone, not the whole batch's storage
+    img = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    bi.save_output(img, tmp_path / "b" / "y.png")
+    with Image.open(tmp_path / "b" / "y.png") as im:
+        assert im.format == "PNG" and im.mode == "RGB"
+        assert np.array_equal(np.asarray(im), img.numpy())
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["x.pt", "y.png"]  # no temporaries
+
+
+def test_failure_record():
+    assert bi.failure_record({"identifier": "a.png", "_line": 3, "label": 1}, "why") == {
+        "identifier": "a.png", "line": 3, "reason": "why"}
+    assert bi.failure_record({"identifier": "v.nii", "_line": 9, "slice_index": 0}, "r") == {
+        "identifier": "v.nii", "line": 9, "reason": "r", "slice_index": 0}  # slice 0 is a slice
+    assert bi.failure_record({}, "r") == {"identifier": None, "line": None, "reason": "r"}
+
+
+def test_dataset_options_from_the_command_line():
+    base = ["--output_dir", "o", "--pretrained_path", "w.pt", "--meta_path", "m.csv"]
+    args = bi.parse_args(base + ["--window", "40,400", "--intensity", "window", "--percentiles", "5", "95",
+                                 "--fit", "crop", "--model_input_min", "0", "--model_input_max", "2",
+                                 "--max_pixels", "1000"])
+    assert bi.dataset_options(args, 48, 1) == dict(
+        image_size=48, channels=1, value_range=(0.0, 2.0), window="40,400", intensity="window",
+        percentiles=(5.0, 95.0), fit="crop", max_pixels=1000)
+    defaults = bi.dataset_options(bi.parse_args(base), 32, 3)
+    assert defaults == dict(image_size=32, channels=3, value_range=(-1.0, 1.0), window=None, intensity="auto",
+                            percentiles=(0.5, 99.5), fit="pad", max_pixels=DEFAULT_MAX_PIXELS)
+    assert type(defaults["percentiles"]) is tuple
+    assert bi.dataset_options(bi.parse_args(base + ["--max_pixels", "0"]), 32, 3)["max_pixels"] is None  # no cap
+
+
+def test_close_inherited_closes_the_lock_copy(tmp_path):
+    fd = os.open(tmp_path / "f", os.O_CREAT | os.O_RDWR)
+    bi.close_inherited(None, 0)  # no lock held (ranks other than 0)
+    bi.close_inherited(fd, 3)
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+# ---- the command line -----------------------------------------------------------------------------------
+REQUIRED = ["--output_dir", "o", "--pretrained_path", "w.pt", "--meta_path", "m.csv"]
+
+
+def test_parse_args_defaults_written_out():
+    assert vars(bi.parse_args(REQUIRED)) == dict(
+        output_dir="o", pretrained_path="w.pt", meta_path="m.csv", dataset_dir=None, infer_type="code",
+        image_size=None, model_input_min=-1.0, model_input_max=1.0, model_input_channel=None, precision="bf16",
+        window=None, intensity="auto", percentiles=(0.5, 99.5), fit="pad", max_pixels=DEFAULT_MAX_PIXELS,
+        num_classes=None, batch_size=16, num_workers=4, overwrite_changed=False, wait_for_lock=None,
+        retry_crashed=False, no_progress=False)
+
+
+def test_parse_args_every_flag_reaches_its_field():
+    args = bi.parse_args(REQUIRED + [
+        "--dataset_dir", "d", "--infer_type", "latent", "--image_size", "48", "--model_input_min", "0",
+        "--model_input_max", "2.5", "--model_input_channel", "1", "--precision", "fp32", "--window", "bone",
+        "--intensity", "percentile", "--percentiles", "1", "99", "--fit", "stretch", "--max_pixels", "0",
+        "--num_classes", "3", "--batch_size", "1", "--num_workers", "0", "--overwrite_changed",
+        "--wait_for_lock", "2.5", "--retry_crashed", "--no_progress"])
+    assert vars(args) == dict(
+        output_dir="o", pretrained_path="w.pt", meta_path="m.csv", dataset_dir="d", infer_type="latent",
+        image_size=48, model_input_min=0.0, model_input_max=2.5, model_input_channel=1, precision="fp32",
+        window="bone", intensity="percentile", percentiles=[1.0, 99.0], fit="stretch", max_pixels=0,
+        num_classes=3, batch_size=1, num_workers=0, overwrite_changed=True, wait_for_lock=2.5,
+        retry_crashed=True, no_progress=True)
+    for field in ("image_size", "model_input_channel", "max_pixels", "num_classes", "batch_size", "num_workers"):
+        assert type(getattr(args, field)) is int, field
+    for field in ("model_input_min", "model_input_max", "wait_for_lock"):
+        assert type(getattr(args, field)) is float, field
+
+
+@pytest.mark.parametrize("argv,message", [
+    (REQUIRED[2:], "the following arguments are required: --output_dir"),
+    (REQUIRED[:2] + REQUIRED[4:], "the following arguments are required: --pretrained_path"),
+    (REQUIRED[:4], "the following arguments are required: --meta_path"),
+    (REQUIRED + ["--infer_type", "codes"], "argument --infer_type: invalid choice: 'codes'"),
+    (REQUIRED + ["--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
+    (REQUIRED + ["--intensity", "loud"], "argument --intensity: invalid choice: 'loud'"),
+    (REQUIRED + ["--fit", "fill"], "argument --fit: invalid choice: 'fill'"),
+    (REQUIRED + ["--percentiles", "5"], "argument --percentiles: expected 2 arguments"),
+    (REQUIRED + ["--batch_size", "0"], "--batch_size must be at least 1"),
+    (REQUIRED + ["--model_input_min", "1", "--model_input_max", "1"],
+     "--model_input_max must be greater than --model_input_min"),
+    (REQUIRED + ["--model_input_min", "2"], "--model_input_max must be greater than --model_input_min"),
+    (REQUIRED + ["--max_pixels", "-1"], "--max_pixels must be 0 (no limit) or positive"),
+])
+def test_parse_args_refusals_name_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bi.parse_args(argv)
+    assert e.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_parse_args_bounds_that_are_allowed():
+    args = bi.parse_args(REQUIRED + ["--batch_size", "1", "--max_pixels", "0", "--model_input_min", "0.5",
+                                     "--model_input_max", "0.75"])
+    assert (args.batch_size, args.max_pixels, args.model_input_min, args.model_input_max) == (1, 0, 0.5, 0.75)
+    assert bi.parse_args(REQUIRED + ["--infer_type", "image"]).infer_type == "image"
