@@ -68,3 +68,71 @@ def test_draw_on_a_cdf_boundary_takes_the_next_code():
         probs = torch.cat([r, torch.zeros(1, 1), 1 - r], dim=1)  # cdf [r, r, 1]: u = r * 1 = r exactly
         assert probs.sum().item() == 1.0
         assert _draw(probs, torch.Generator().manual_seed(seed)).item() == 2
+
+
+def reference_sample(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """The documented draw written out in float64, one row at a time: temperature, then top-k (the
+    candidates in descending order), then top-p (a candidate stays while the mass before it is <= top_p),
+    then the right-continuous inverse CDF of the kept mass at the row's uniform u. Without filtering the
+    CDF runs over the vocabulary in index order."""
+    out = []
+    for row, ur in zip(logits.double(), u[:, 0].double()):
+        x = row / max(temperature, 1e-5)
+        V = x.numel()
+        if 0 < top_k < V or top_p < 1.0:
+            order = torch.argsort(x, descending=True)[: top_k if 0 < top_k < V else V]
+        else:
+            order = torch.arange(V)
+        p = torch.softmax(x[order], dim=0)
+        if top_p < 1.0:
+            p = p * ((torch.cumsum(p, 0) - p) <= top_p)
+        cdf = torch.cumsum(p, 0)
+        out.append(int(order[int((cdf <= ur * cdf[-1]).sum())]))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(temperature=2.0), dict(temperature=0.5), dict(top_k=5), dict(top_k=5, temperature=2.0),
+    dict(top_p=0.7), dict(top_p=1.0), dict(top_k=12, top_p=0.5), dict(top_k=40), dict(top_k=43),
+])
+def test_sample_logits_is_the_written_out_draw(kw):
+    """Each setting gives the index the written-out draw gives for the generator's uniforms (so a top-k of
+    the whole vocabulary, or top-p 1, is plain sampling: the same index from the same uniform)."""
+    from models.generate import sample_logits
+    logits = torch.randn(300, 40, generator=torch.Generator().manual_seed(0)) * 2
+    u = torch.rand(300, 1, generator=torch.Generator().manual_seed(1))
+    got = sample_logits(logits, generator=torch.Generator().manual_seed(1), **kw)
+    assert got.dtype == torch.long
+    assert (got == reference_sample(logits, u, **kw)).float().mean() >= 0.99  # float32 vs float64 at a boundary
+
+
+def test_temperature_zero_is_greedy():
+    from models.generate import sample_logits
+    logits = torch.randn(200, 40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_logits(logits, temperature=0.0, generator=torch.Generator().manual_seed(0)),
+                       logits.argmax(-1))
+
+
+def test_cache_reads_cover_the_filled_slots_eager_and_the_whole_cache_compiled(monkeypatch):
+    """Eager decoding attends over exactly the filled slots: the prefill reads the T condition slots, the step
+    that writes slot s reads s + 1. With compile=True the decoding steps read the whole fixed-size cache
+    (kv_len None) and the linear layers are not prepacked (torch.compile traces plain nn.Linear)."""
+    from models.generate import PackedLinear
+    model = randomize(Transformer(tiny_args(cls_token_num=2)), std=0.1).eval()
+    calls, packed = [], []
+    real = model.step
+
+    def spy(x, input_pos, kv_len=None):
+        calls.append((input_pos.tolist(), kv_len))
+        packed.append(isinstance(model.output.linear_head, PackedLinear))
+        return real(x, input_pos, kv_len)
+
+    monkeypatch.setattr(model, "step", spy)
+    eager = generate(model, torch.tensor([1, 0]), 5, cfg_scale=2.0, sample_logits=False)
+    assert calls == [([0, 1], 2), ([2], 3), ([3], 4), ([4], 5), ([5], 6)] and all(packed)
+    calls.clear(), packed.clear()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    fixed = generate(model, torch.tensor([1, 0]), 5, cfg_scale=2.0, sample_logits=False, compile=True)
+    assert calls == [([0, 1], 2), ([2], None), ([3], None), ([4], None), ([5], None)] and not any(packed)
+    assert torch.equal(eager, fixed)
+    assert not fixed.is_inference() and fixed.requires_grad is False  # a normal tensor, usable outside inference mode

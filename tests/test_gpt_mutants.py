@@ -522,3 +522,70 @@ def test_load_gpt_applies_overrides_and_names_the_source_of_a_mismatch(tmp_path)
         with pytest.raises(CheckpointError) as err:
             load_gpt(tmp_path / name, n_head=4, block_size=16, multiple_of=32) if where == "plain" else load_gpt(tmp_path / name)
         assert f"{tmp_path / name} [{where}] as {{" in str(err.value) and "norm.weight" in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Token embeddings from the tokenizer (VQTokenEmbedder)
+# ----------------------------------------------------------------------------------------------
+def _vq_model(**kw):
+    from models.gpt import Transformer
+    from test_gpt import randomize
+    # 3 codebooks of 16 codes, latent width 12 (4 per codebook), post_quant_proj 12 -> 48 with 2 heads.
+    config = tiny_args(**{"vocab_size": 48, "num_codebooks": 3, "vq_embed_width": 48, "vq_embed_vocab_width": 12,
+                          "vq_embed_heads": 2, **kw})
+    return randomize(Transformer(config), seed=3, std=0.2)
+
+
+def test_vq_projector_is_the_released_layernorm_gelu_mlp():
+    """mm_projector = Linear(GELU(Linear(LayerNorm(x, eps 1e-6)))) with exact GELU, as the released
+    CustomTokenEmbedder; features whose variance is ~1e-6 make the eps matter, large ones the GELU form."""
+    emb = _vq_model().tok_embeddings.eval()
+    norm, fc1, fc2 = emb.mm_projector[0], emb.mm_projector[1], emb.mm_projector[3]
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(0))
+    for scale in (1e-3, 30.0):
+        xs = x * scale
+        ln = (xs - xs.mean(-1, keepdim=True)) / torch.sqrt(xs.var(-1, unbiased=False, keepdim=True) + 1e-6)
+        h = (ln * norm.weight + norm.bias) @ fc1.weight.T + fc1.bias
+        expected = (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ fc2.weight.T + fc2.bias
+        torch.testing.assert_close(emb.mm_projector(xs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_vq_embedder_calls_outside_decoding_are_independent_and_errors_are_named():
+    from models.checkpoint import CheckpointError
+    emb = _vq_model().tok_embeddings.eval()
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 16, (2, 3, 4), generator=g), torch.randint(0, 16, (2, 3, 4), generator=g)
+    with torch.no_grad():
+        expected_b = emb.mm_projector(emb.post_quant_proj(emb.quantizer.idx_to_f(b)))
+        emb(a)
+        torch.testing.assert_close(emb(b), expected_b)  # nothing carried over from the call before
+    assert emb.decoding is False and emb.history is None
+    with pytest.raises(ValueError) as err:
+        emb(torch.zeros(2, 2, 4, dtype=torch.long))
+    assert str(err.value) == "codes have 2 codebooks, the model expects 3"
+    # The tokenizer part loads strictly, and a mismatch names the part and the key.
+    part = {f"quantizer.{k}": v for k, v in emb.quantizer.state_dict().items()}
+    part.update({f"post_quant_proj.{k}": v for k, v in emb.post_quant_proj.state_dict().items()})
+    emb.load_tokenizer(part, context="tok.pt")
+    for drop, where in (("quantizer.codebooks.1.codebook.weight", "quantizer"), ("post_quant_proj.norm1.bias", "post_quant_proj")):
+        with pytest.raises(CheckpointError) as err:
+            emb.load_tokenizer({k: v for k, v in part.items() if k != drop}, context="tok.pt")
+        assert f"(tok.pt [{where}])" in str(err.value) and drop[len(where) + 1:] in str(err.value)
+
+
+def test_vq_embedder_decoding_keeps_the_history_and_follows_a_shrunk_batch():
+    """While decoding, position s is embedded with codes 0..s (as when the whole prefix is embedded at once);
+    when guidance stops, the batch keeps its first (conditional) half."""
+    emb = _vq_model().tok_embeddings.eval()
+    codes = torch.randint(0, 16, (4, 3, 5), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        whole = emb(codes)  # [4, 5, dim]
+        emb.start_decoding()
+        first = emb(codes[:, :, :2])
+        steps = [emb(codes[:, :, s:s + 1]) for s in (2, 3)]
+        last = emb(codes[:2, :, 4:5])  # the uncond half dropped
+        emb.stop_decoding()
+    torch.testing.assert_close(first, whole[:, :2])
+    torch.testing.assert_close(torch.cat(steps, 1), whole[:, 2:4])
+    torch.testing.assert_close(last, whole[:2, 4:5])
+    assert emb.history is None and emb.decoding is False
