@@ -298,12 +298,13 @@ def rows_being_read(state_dir: Path, pids=None) -> dict[int, str]:
 
 
 def worker_death(error: BaseException) -> set[int] | None:
-    """The pids of DataLoader workers that died, if `error` reports that; else None."""
+    """The pids of DataLoader workers that died, if `error` reports that; else None. torch words it
+    'DataLoader worker (pid 123) ...' or, when it notices on a failed queue read, '(pid(s) 12, 34)'."""
     text = str(error)
     if not isinstance(error, RuntimeError) or "DataLoader worker" not in text:
         return None
-    after = text.split("pid", 1)[1] if "pid" in text else ""
-    return {int(n) for n in re.findall(r"\d+", after.split(")", 1)[0])}
+    pids = re.search(r"\(pid(?:\(s\))? ([\d, ]+)\)", text)
+    return {int(n) for n in re.findall(r"\d+", pids.group(1))} if pids else set()
 
 
 # ----------------------------------------------------------------------------------------------

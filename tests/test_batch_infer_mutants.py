@@ -317,3 +317,189 @@ def test_parse_args_bounds_that_are_allowed():
                                      "--model_input_max", "0.75"])
     assert (args.batch_size, args.max_pixels, args.model_input_min, args.model_input_max) == (1, 0, 0.5, 0.75)
     assert bi.parse_args(REQUIRED + ["--infer_type", "image"]).infer_type == "image"
+
+
+# ---- taking over a folder, the run's plan -----------------------------------------------------------------
+def test_check_paths_refuses_our_own_names_and_the_input(tmp_path):
+    args = bi.parse_args(REQUIRED)
+    for name in ("failures.jsonl", "tokenizer.json", ".batch_infer"):
+        args.meta_path = str(tmp_path / "in" / name)
+        with pytest.raises(SystemExit) as e:
+            bi.check_paths(args, tmp_path / "out")
+        assert e.value.code == (f"--meta_path {args.meta_path}: the name {name} is one of batch_infer's own files "
+                                "in --output_dir (failures.jsonl, tokenizer.json, .batch_infer); rename the metadata file")
+    (tmp_path / "in").mkdir()
+    args.meta_path = str(tmp_path / "in" / "meta.csv")
+    os.symlink(tmp_path / "in", tmp_path / "link")
+    for out in (tmp_path / "in", tmp_path / "link", tmp_path / "in" / ".." / "in"):  # the same folder, spelt three ways
+        with pytest.raises(SystemExit) as e:
+            bi.check_paths(args, out)
+        assert e.value.code == (f"--meta_path {args.meta_path} would be overwritten by the output metadata; "
+                                "choose another --output_dir")
+    assert bi.check_paths(args, tmp_path / "out") == tmp_path / "out" / "meta.csv"
+
+
+def manifest_file(out):
+    path = out / "tokenizer.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def test_take_over_folder_writes_compares_and_clears(tmp_path, capsys):
+    out, state = tmp_path / "out", tmp_path / "out" / ".batch_infer"
+    state.mkdir(parents=True)
+    args = bi.parse_args(REQUIRED)
+    def manifest(fit, weights):
+        return {"version": 1, "tokenizer": {"path": weights, "sha256": "ab"}, "preprocessing": {"fit": fit}}
+
+    new = manifest("crop", "a.pt")
+    bi.take_over_folder(args, out, state, new)  # a fresh folder: the manifest is written
+    assert manifest_file(out) == new
+    bi.take_over_folder(args, out, state, manifest("crop", "b.pt"))
+    assert manifest_file(out)["tokenizer"]["path"] == "b.pt"  # a change that no output depends on: rewritten
+
+    # outputs, claims and journals of an earlier run made with fit "pad"
+    (out / "tokenizer.json").write_text(json.dumps(manifest("pad", "c.pt")))
+    (out / "sub").mkdir()
+    for name in ("a.pt", "sub/b.pt", "failures.jsonl", "mine.pt"):
+        (out / name).write_bytes(b"x")
+    os.symlink(out / "mine.pt", out / "link.pt")
+    claims = [{"name": n, "key": "k"} for n in ("a.pt", "sub/b.pt", "gone.pt", "link.pt", "sub")]
+    (state / "claims.jsonl").write_text("".join(json.dumps(c) + "\n" for c in claims))
+    (state / "done.rank0.jsonl").write_text("{}\n")
+    (state / "lock").write_text("")
+    with pytest.raises(SystemExit) as e:
+        bi.take_over_folder(args, out, state, new)
+    assert e.value.code == (f"{out} holds outputs made with other settings (tokenizer.json):\n"
+                            '  fit: "pad" -> "crop"\n'
+                            "use another --output_dir, or pass --overwrite_changed to delete those outputs and redo them")
+    assert (out / "a.pt").exists() and manifest_file(out) == manifest("pad", "c.pt")  # nothing touched
+
+    args.overwrite_changed = True
+    capsys.readouterr()
+    bi.take_over_folder(args, out, state, new)
+    # claimed plain files go; the link (not its target), the folder, unclaimed files and the lock stay
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        ".batch_infer", ".batch_infer/lock", "link.pt", "mine.pt", "sub", "tokenizer.json"]
+    assert manifest_file(out) == new
+    assert capsys.readouterr().out == '--overwrite_changed: settings changed (fit: "pad" -> "crop"); removed 2 earlier outputs\n'
+
+
+def test_take_over_folder_without_a_manifest_but_with_claims(tmp_path):
+    out, state = tmp_path / "out", tmp_path / "out" / ".batch_infer"
+    state.mkdir(parents=True)
+    (state / "claims.jsonl").write_text(json.dumps({"name": "a.pt", "key": "k"}) + "\n")
+    (out / "a.pt").write_bytes(b"x")
+    with pytest.raises(SystemExit, match="^.* holds outputs made with other settings \\(tokenizer.json\\):\n"
+                                         "  no tokenizer.json, but outputs of an earlier run are recorded\n"):
+        bi.take_over_folder(bi.parse_args(REQUIRED), out, state, {"version": 1, "tokenizer": {}})
+    bi.take_over_folder(bi.parse_args(REQUIRED + ["--overwrite_changed"]), out, state, {"version": 1, "tokenizer": {}})
+    assert not (out / "a.pt").exists() and manifest_file(out) == {"version": 1, "tokenizer": {}}
+
+
+def test_on_rank0_in_one_process():
+    assert bi.on_rank0(1, 0, lambda: {"plan": 1}) == {"plan": 1}
+    for error, message in ((SystemExit("stop here"), "stop here"), (ValueError("bad value"), "bad value"),
+                           (OSError("disk"), "disk"), (bi.FolderLockedError("in use"), "in use")):
+        def fail(error=error):
+            raise error
+        with pytest.raises(SystemExit) as e:
+            bi.on_rank0(1, 0, fail)
+        assert e.value.code == message
+    with pytest.raises(KeyError):  # anything else is a bug: its traceback is kept
+        bi.on_rank0(1, 0, lambda: {}["x"])
+
+
+def test_plan_run_names_refusals_and_claims(tmp_path):
+    data, meta_dir = tmp_path / "data", tmp_path / "meta"
+    for rel in ("a.png", "b/a.png", "c.png", "d.png", "link/e.png", ".batch_infer/f.png"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(b"img")
+    meta_dir.mkdir()
+    meta = meta_dir / "meta.csv"
+    meta.write_text("identifier\n")
+    out = data  # outputs beside the inputs: names must step around them
+    state = out / ".batch_infer"
+    (out / "d.png.png").write_bytes(b"not ours")  # a file batch_infer did not write
+    os.symlink(tmp_path, out / "sub")
+    args = bi.parse_args(["--output_dir", str(out), "--pretrained_path", "w.pt", "--meta_path", str(meta),
+                          "--dataset_dir", str(data), "--num_classes", "3", "--infer_type", "image"])
+    rows = [{"identifier": "a.png", "label": 0}, {"identifier": "b/a.png"}, {"identifier": "a.png", "label": 2},
+            {"identifier": "c.png", "label": 3}, {"identifier": "../x.png"}, {"identifier": "d.png"},
+            {"identifier": ".batch_infer/f.png"}, {"identifier": "sub/g.png"}, {"identifier": "meta.csv"}]
+    key = lambda rel: json.dumps([str(data / rel), None, None, None, None])  # noqa: E731
+    digest = lambda rel: hashlib.sha1(key(rel).encode()).hexdigest()[:10]  # noqa: E731
+    plan = bi.plan_run(args, rows, out, state, ".png")
+    assert plan["names"] == ["a.png.png", "b/a.png.png", "a.png.png", None, None, f"d.png_{digest('d.png')}.png",
+                             None, None, "meta.csv.png"]
+    errors = plan["errors"]
+    assert errors[3].startswith("MetadataError: ") and errors[3].endswith("label 3 is outside [0, 3)")
+    assert errors[4] == "ValueError: identifier '../x.png' contains '..'; outputs must stay inside --output_dir"
+    assert errors[6] == ("no free output name among ['.batch_infer/f.png', '.batch_infer/f.png.png', "
+                         f"'.batch_infer/f.png_{digest('.batch_infer/f.png')}.png']")
+    assert errors[7] == (f"output folder {out / 'sub'} is a symbolic link (or not a folder); "
+                         "refusing to write outside --output_dir")
+    assert [e is None for e in errors] == [n is not None for n in plan["names"]]
+    assert plan["keys"][:3] == [key("a.png"), key("b/a.png"), key("a.png")] and plan["keys"][3] is None  # label first
+    claimed = [{"name": "a.png.png", "key": key("a.png")}, {"name": "b/a.png.png", "key": key("b/a.png")},
+               {"name": f"d.png_{digest('d.png')}.png", "key": key("d.png")},
+               {"name": "meta.csv.png", "key": key("meta.csv")}]
+    assert [json.loads(line) for line in (state / "claims.jsonl").read_text().splitlines()] == claimed
+    ours = {c["name"] for c in claimed} | {".batch_infer", "failures.jsonl", "tokenizer.json"}
+    assert plan["ours"] == sorted(plan["ours"]) and ours <= set(plan["ours"]) <= ours | {"sub/g.png.png"}
+    assert plan["done"] == {} and plan["crashed"] == {}
+
+    # a second plan keeps the claims (even for a name that is now unwanted) and appends nothing
+    plan2 = bi.plan_run(args, rows[:2], out, state, ".png")
+    assert plan2["names"] == ["a.png.png", "b/a.png.png"] and plan2["ours"] == sorted(ours)
+    assert len((state / "claims.jsonl").read_text().splitlines()) == len(claimed)
+    # inputs and the metadata file are never outputs, even where a claim (an earlier run's) names them
+    args.meta_path = str(data / "meta.csv")
+    (data / "meta.csv").write_text("identifier\n")
+    bi.append_jsonl(state / "claims.jsonl", [{"name": "meta.csv", "key": key("meta.png")},
+                                             {"name": "c.png", "key": key("c.png")}])
+    rows = [{"identifier": "meta.png"}, {"identifier": "c.png"}]
+    assert bi.plan_run(args, rows, out, state, ".csv")["names"] == ["meta.png.csv", "c.csv"]
+    assert bi.plan_run(args, rows[1:], out, state, ".png")["names"] == ["c.png.png"]
+
+
+def test_plan_run_reads_journals_crashes_and_suspects(tmp_path):
+    out, state = tmp_path / "out", tmp_path / "out" / ".batch_infer"
+    state.mkdir(parents=True)
+    (tmp_path / "a.png").write_bytes(b"img")
+    meta = tmp_path / "meta.csv"
+    meta.write_text("identifier\n")
+    args = bi.parse_args(["--output_dir", str(out), "--pretrained_path", "w.pt", "--meta_path", str(meta)])
+    rows = [{"identifier": "a.png"}]
+    (state / "done.rank0.jsonl").write_text('{"name": "x.pt", "v": 1}\n{"name": "y.pt", "v": 1}\n{"name": "x.pt", "v": 2}\n')
+    (state / "done.rank1.jsonl").write_text('{"name": "y.pt", "v": 3}\n')
+    (state / "crashed.jsonl").write_text('{"name": "z.pt", "reason": "r"}\n')
+    (state / "reading.123").write_text("s.pt")  # a row being read when the whole run died
+    (state / "reading.124").write_text("")  # a reader that finished its row
+    (state / "reading.x").write_text("t.pt")  # not a reader's file
+    plan = bi.plan_run(args, rows, out, state, ".pt")
+    assert plan["done"] == {"x.pt": {"name": "x.pt", "v": 2}, "y.pt": {"name": "y.pt", "v": 3}}  # the latest wins
+    assert plan["crashed"] == {"z.pt": {"name": "z.pt", "reason": "r"}}
+    assert json.loads((state / "suspects.json").read_text()) == {"s.pt": 1}  # retried once
+    assert sorted(p.name for p in state.glob("reading.*")) == ["reading.x"]
+    (state / "reading.125").write_text("s.pt")  # ... and the run died on it again
+    plan = bi.plan_run(args, rows, out, state, ".pt")
+    dead = {"name": "s.pt", "reason": "the run died twice while reading this row"}
+    assert plan["crashed"] == {"z.pt": {"name": "z.pt", "reason": "r"}, "s.pt": dead}
+    assert json.loads((state / "suspects.json").read_text()) == {"s.pt": 2}
+    assert [json.loads(line) for line in (state / "crashed.jsonl").read_text().splitlines()] == [
+        {"name": "z.pt", "reason": "r"}, dead]
+    args.retry_crashed = True
+    plan = bi.plan_run(args, rows, out, state, ".pt")
+    assert plan["crashed"] == {} and len(plan["done"]) == 2
+
+
+# ---- the folder's bookkeeping: journals, temporaries, readers that died ----------------------------------
+def test_worker_death_reads_the_pids_of_both_torch_messages():
+    # the two wordings of torch's DataLoader (the SIGCHLD handler's, and the check on a failed queue read)
+    assert bi.worker_death(RuntimeError("DataLoader worker (pid 4321) is killed by signal: Killed. ")) == {4321}
+    assert bi.worker_death(RuntimeError("DataLoader worker (pid 77) exited unexpectedly with exit code 3. "
+                                        "Details are lost due to multiprocessing.")) == {77}
+    assert bi.worker_death(RuntimeError("DataLoader worker (pid(s) 12, 345) exited unexpectedly")) == {12, 345}
+    assert bi.worker_death(RuntimeError("DataLoader worker exited unexpectedly")) == set()  # no pid: all readers
+    assert bi.worker_death(RuntimeError("CUDA error 700 (pid 5)")) is None  # not a worker's death
+    assert bi.worker_death(ValueError("DataLoader worker (pid 5) is killed by signal")) is None
