@@ -6,13 +6,24 @@ normalised code vectors concatenated in codebook order, tokens laid out row-majo
 grids are not square (h != w), so a transposed or swapped grid anywhere changes the result.
 """
 import math
-from dataclasses import replace
+import re
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.meditok import MEDITOK_CONFIGS, STEM_STRIDE, MedITok, MedITokConfig
+from models.checkpoint import CheckpointError, atomic_save
+from models.meditok import (
+    MEDITOK_CONFIGS,
+    STEM_STRIDE,
+    MedITok,
+    MedITokConfig,
+    build_meditok,
+    infer_config,
+    save_meditok,
+)
 
 TINY = "MedITok-Tiny"
 
@@ -224,3 +235,174 @@ def test_config_reaches_the_quantizer_and_head():
     with torch.device("cpu"):
         fresh = MedITok(MEDITOK_CONFIGS[TINY], MEDITOK_CONFIGS[TINY].downsample * 2)
     assert fresh.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving: config inference, wrapper keys, image size, messages (docs/MUTATION.md)
+# ----------------------------------------------------------------------------------------------
+DATA = Path(__file__).parent / "data"
+
+
+def released_state_dict():
+    """The released tokenizer's keys and shapes (tests/data/meditok_official.keys.tsv) as meta tensors."""
+    sd = {}
+    for line in open(DATA / "meditok_official.keys.tsv"):
+        name, shape, dtype = line.rstrip("\n").split("\t")
+        dims = () if shape == "scalar" else tuple(int(d) for d in shape.split("x"))
+        sd[name] = torch.empty(dims, dtype=getattr(torch, dtype), device="meta")
+    return sd
+
+
+def test_infer_config_of_the_released_key_list():
+    cfg = infer_config(released_state_dict())
+    # the released architecture (../shared/reference/README.md): ViTamin-L trunks of 31 blocks, 16 heads,
+    # 16x downsampling, 8 x 4096 codes of width 8, decoder widths (1024, 320, 160) with 4 and 2 blocks
+    assert (cfg.width, cfg.depth, cfg.decoder_depth, cfg.num_heads, cfg.downsample) == (1024, 31, 31, 16, 16)
+    assert (cfg.vocab_size, cfg.vocab_width, cfg.num_codebooks, cfg.embed_dim, cfg.in_chans) == (32768, 64, 8, 768, 3)
+    assert (cfg.stem_width, cfg.conv_widths, cfg.conv_depths) == (160, (160, 320), (2, 4))
+    assert (cfg.decoder_widths, cfg.decoder_depths, cfg.decoder_expand_ratio) == ((320, 160), (4, 2), 4.0)
+    assert cfg == MEDITOK_CONFIGS["MedITok-L"]
+
+
+@pytest.mark.parametrize("key", ["encoder.norm.weight", "quant_proj.proj.weight", "decoder.up_conv4.conv1.conv.weight",
+                                 "projection.weight"])
+def test_infer_config_names_a_missing_key(key):
+    sd = released_state_dict()
+    del sd[key]
+    with pytest.raises(CheckpointError, match=f"^cannot infer the MedITok config: key '{re.escape(key)}' is missing "
+                                              "from the state dict$"):
+        infer_config(sd)
+
+
+def unregistered(width, num_heads):
+    """A config whose every shape-visible field differs from MedITokConfig's defaults (the fallback base)."""
+    return replace(MedITokConfig(), stem_width=8, conv_widths=(16, 24), conv_depths=(1, 2), width=width, depth=3,
+                   num_heads=num_heads, vocab_size=40, vocab_width=16, num_codebooks=4, decoder_depth=2,
+                   decoder_widths=(24, 8), decoder_depths=(2, 1), decoder_expand_ratio=3.0, embed_dim=40,
+                   in_chans=1)
+
+
+@pytest.mark.parametrize("width, num_heads", [(32, 1), (160, 2), (192, 3)])
+def test_infer_config_of_an_unregistered_width(width, num_heads):
+    """A width no registered config has: ViTamin's 64-wide heads (160 -> 2, 192 -> 3, at least 1 for 32),
+    16x downsampling, and MedITokConfig's defaults for what shapes do not show."""
+    assert width not in {c.width for c in MEDITOK_CONFIGS.values()}
+    cfg = unregistered(width, num_heads)
+    with torch.device("meta"):
+        sd = MedITok(cfg, 32).state_dict()
+    assert infer_config(sd) == cfg
+
+
+def tiny_model(img_size=None, **fields):
+    torch.manual_seed(0)
+    cfg = replace(MEDITOK_CONFIGS[TINY], **fields)
+    return MedITok(cfg, img_size or cfg.downsample * 2).eval()
+
+
+def same_weights(model, sd):
+    ours = model.state_dict()
+    return ours.keys() == sd.keys() and all(torch.equal(ours[k], v) for k, v in sd.items())
+
+
+def test_a_plain_state_dict_of_an_unregistered_width_loads(tmp_path):
+    torch.manual_seed(0)
+    cfg = unregistered(32, 1)
+    model = MedITok(cfg, 32).eval()
+    atomic_save(model.state_dict(), tmp_path / "plain.pth")
+    loaded = build_meditok(tmp_path / "plain.pth")
+    assert loaded.config == cfg and same_weights(loaded, model.state_dict())
+    assert loaded.img_size == 256  # nothing stored: the released training resolution
+    x = torch.rand(1, 1, 32, 48) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded.img_to_idx(x), model.img_to_idx(x))
+
+
+def test_saved_config_keeps_what_shapes_do_not_show(tmp_path):
+    model = tiny_model(img_size=24, num_heads=2, proj_heads=1, vq_beta=0.5, use_entropy_loss=True, entropy_temp=0.05)
+    assert infer_config(model.state_dict()) != model.config  # inference alone would lose these fields
+    save_meditok(model, tmp_path / "t.pt", extra={"step": 3})
+    ckpt = torch.load(tmp_path / "t.pt", weights_only=True)
+    assert set(ckpt) == {"kind", "config", "img_size", "model", "step"}
+    assert ckpt["kind"] == "meditok" and ckpt["config"] == asdict(model.config) and ckpt["step"] == 3
+    assert ckpt["img_size"] == 24 and type(ckpt["img_size"]) is int
+    assert same_weights(model, ckpt["model"])
+    rebuilt = build_meditok(tmp_path / "t.pt")
+    assert rebuilt.config == model.config and rebuilt.img_size == 24 and not rebuilt.training
+    # an explicit size wins over the stored one; overrides replace fields of the stored config
+    again = build_meditok(tmp_path / "t.pt", img_size=40, vq_beta=0.75)
+    assert again.img_size == 40 and again.grid_size == 5 and again.config == replace(model.config, vq_beta=0.75)
+    assert again.quantizer.beta == 0.75 and same_weights(again, ckpt["model"])
+
+
+def test_unknown_config_fields_are_named(tmp_path):
+    model = tiny_model()
+    atomic_save({"model": model.state_dict(), "config": {**asdict(model.config), "zeta": 1, "alpha": 2}},
+                tmp_path / "new.pt")
+    with pytest.raises(CheckpointError, match=r"^checkpoint config has fields this code does not know: "
+                                              r"\['alpha', 'zeta'\]$"):
+        build_meditok(tmp_path / "new.pt")
+
+
+def test_mismatch_message_says_where_the_weights_and_config_came_from(tmp_path):
+    model = tiny_model()
+    sd = dict(model.state_dict())
+    sd["extra.weight"] = torch.zeros(1)
+    cases = {
+        "plain.pt": (sd, {}, "; config inferred from the state-dict shapes: MedITokConfig("),
+        "wrapped.pt": ({"model": sd, "config": asdict(model.config)}, {}, " [model]; config stored in the checkpoint: "
+                                                                          "MedITokConfig("),
+        "named.pt": ({"ema": sd}, {"model_name": TINY}, f" [ema]; config registered config {TINY}: MedITokConfig("),
+    }
+    for name, (ckpt, kwargs, context) in cases.items():
+        atomic_save(ckpt, tmp_path / name)
+        with pytest.raises(CheckpointError) as err:
+            build_meditok(tmp_path / name, **kwargs)
+        msg = str(err.value)
+        assert msg.startswith(f"checkpoint does not match the model ({tmp_path / name}{context}"), (name, msg)
+        assert "unexpected keys (1): extra.weight" in msg
+
+
+def test_unknown_model_name_lists_the_registered_ones():
+    with pytest.raises(ValueError, match=r"^unknown MedITok model 'MedITok-XL'; choose from "
+                                         r"\['MedITok-L', 'MedITok-B', 'MedITok-Tiny'\]$"):
+        build_meditok(model_name="MedITok-XL")
+
+
+def test_random_model_takes_name_size_and_overrides():
+    d = MEDITOK_CONFIGS[TINY].downsample
+    model = build_meditok(model_name=TINY, img_size=3 * d, vq_beta=0.5, embed_dim=32)
+    assert model.config == replace(MEDITOK_CONFIGS[TINY], vq_beta=0.5, embed_dim=32)
+    assert model.img_size == 3 * d and model.grid_size == 3 and not model.training
+    assert model.projection.out_features == 32 and model.quantizer.beta == 0.5
+
+
+def test_wrapper_keys_in_the_documented_order(tmp_path):
+    """EMA weights first unless prefer_ema=False; then "model", "state_dict", "module" (EMA last)."""
+    model = tiny_model()
+    sd = model.state_dict()
+    other = {k: v + 1 if v.is_floating_point() else v for k, v in sd.items()}
+    cases = [  # (checkpoint, prefer_ema, which weights load)
+        ({"module": sd}, True, sd), ({"state_dict": sd, "module": other}, True, sd),
+        ({"module": sd, "ema": other}, True, other), ({"module": sd, "ema": other}, False, sd),
+        ({"state_dict": sd, "ema": other}, False, sd), ({"ema": other}, False, other),
+        ({"model": sd, "state_dict": other}, False, sd),
+    ]
+    for i, (ckpt, prefer_ema, expected) in enumerate(cases):
+        atomic_save(ckpt, tmp_path / f"{i}.pt")
+        loaded = build_meditok(tmp_path / f"{i}.pt", img_size=model.img_size, prefer_ema=prefer_ema)
+        assert same_weights(loaded, expected), (list(ckpt), prefer_ema)
+
+
+def test_loaded_tensors_are_real_and_keep_requires_grad(tmp_path):
+    model = tiny_model()
+    save_meditok(model, tmp_path / "t.pt")
+    loaded = build_meditok(tmp_path / "t.pt")
+    tensors = [*loaded.parameters(), *loaded.buffers()]
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert not loaded.encoder.pos_embed.requires_grad  # frozen, as released
+    assert all(p.requires_grad for n, p in loaded.named_parameters() if n != "encoder.pos_embed")
+    # weights loaded onto the meta device stay data-less: refused, naming the first ten tensors
+    names = [n for n, _ in [*model.named_parameters(), *model.named_buffers()]][:10]
+    with pytest.raises(CheckpointError) as err:
+        build_meditok(tmp_path / "t.pt", device="meta")
+    assert str(err.value) == f"{tmp_path / 't.pt'}: tensors left uninitialised after loading: {names}"

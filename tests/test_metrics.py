@@ -206,3 +206,103 @@ def test_ssim_known_values():
     ours = metrics.ssim(torch.tensor(y)[None, None] * 2 - 1, torch.tensor(x)[None, None] * 2 - 1, (-1, 1)).item()
     assert ours == pytest.approx(_ssim_reference(y, x), abs=1e-6)
     assert metrics.ssim(torch.tensor(x)[None, None], torch.tensor(x)[None, None], (0, 1)).item() == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel options, KID subset sizes, argument names in messages (mutation-testing survivors,
+# docs/MUTATION.md): against loops and formulas written out here
+# ----------------------------------------------------------------------------------------------
+def _mmd2_loop(x, y, degree, gamma, coef):
+    k = lambda u, v: (gamma * (u @ v) + coef) ** degree  # noqa: E731
+    xx = np.mean([k(x[i], x[j]) for i in range(len(x)) for j in range(len(x)) if i != j])
+    yy = np.mean([k(y[i], y[j]) for i in range(len(y)) for j in range(len(y)) if i != j])
+    xy = np.mean([k(x[i], y[j]) for i in range(len(x)) for j in range(len(y))])
+    return xx + yy - 2 * xy
+
+
+def test_kernel_options_reach_every_kernel_term():
+    x, y = gaussian(12, 4, 41), gaussian(9, 4, 42, shift=0.4)
+    opts = {"degree": 2, "gamma": 0.7, "coef": 0.5}
+    np.testing.assert_allclose(metrics.polynomial_kernel(x, y, **opts), (0.7 * x @ y.T + 0.5) ** 2, rtol=1e-12)
+    np.testing.assert_allclose(metrics.polynomial_kernel(x, y), (x @ y.T / 4 + 1) ** 3, rtol=1e-12)  # the defaults
+    expected = _mmd2_loop(x, y, **opts)
+    assert expected != pytest.approx(_mmd2_loop(x, y, 3, 1 / 4, 1.0), rel=1e-3)  # the options matter here
+    assert metrics.mmd2_unbiased(x, y, **opts) == pytest.approx(expected, rel=1e-9)
+    # KID passes them on: subsets as large as both sets are the whole sets (spread 0)
+    whole = metrics.kid(x[:9], y, subsets=3, subset_size=100, **opts)
+    assert whole[0] == pytest.approx(_mmd2_loop(x[:9], y, **opts), rel=1e-9) and whole[1] == pytest.approx(0, abs=1e-12)
+
+
+def test_kid_default_subset_size_is_1000_rows():
+    # 1000 rows: every subset is the whole set, so two subsets agree; 1001 rows: they differ
+    real, fake = gaussian(1001, 2, 43), gaussian(1001, 2, 44, shift=0.2)
+    mean, std = metrics.kid(real[:1000], fake[:1000], subsets=2)
+    assert std == pytest.approx(0, abs=1e-12)
+    assert mean == pytest.approx(metrics.mmd2_unbiased(real[:1000], fake[:1000]), rel=1e-9)
+    assert metrics.kid(real, fake, subsets=2)[1] > 1e-9
+
+
+def test_kid_subset_size_is_capped_by_the_smaller_set_either_way():
+    a, b = gaussian(6, 3, 45), gaussian(15, 3, 46, shift=0.3)
+    for real, fake in ((a, b), (b, a)):
+        mean, std = metrics.kid(real, fake, subsets=4)  # subsets of 6 rows of each
+        assert np.isfinite(mean) and std > 0
+    # the smaller set is drawn whole every time (a permutation), the larger one in 6-row subsets
+    mean, _ = metrics.kid(a, b[:6], subsets=3)
+    assert mean == pytest.approx(_mmd2_loop(a, b[:6], 3, 1 / 3, 1.0), rel=1e-9)
+
+
+def test_kid_needs_two_rows_in_each_set():
+    two_a, two_b = gaussian(2, 3, 47), gaussian(2, 3, 48, shift=1.0)
+    mean, std = metrics.kid(two_a, two_b, subsets=2)  # the smallest sets the unbiased estimate allows
+    assert mean == pytest.approx(_mmd2_loop(two_a, two_b, 3, 1 / 3, 1.0), rel=1e-9) and std == pytest.approx(0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"^KID needs at least 2 rows in each set, got 1 and 5$"):
+        metrics.kid(gaussian(1, 3, 49), gaussian(5, 3, 50))
+    with pytest.raises(ValueError, match=r"^KID needs at least 2 rows in each set, got 4 and 1$"):
+        metrics.kid(gaussian(4, 3, 49), gaussian(1, 3, 50))
+
+
+def test_feature_errors_name_the_argument():
+    """Each public function names the argument that is wrong: users see these messages."""
+    ok, flat, bad = np.zeros((4, 2)), np.zeros(5), np.full((4, 2), np.nan)
+    for fn in (metrics.kid, metrics.precision_recall):
+        with pytest.raises(ValueError, match=r"^real features must be a 2-D array \[N, D\], got shape \(5,\)$"):
+            fn(flat, ok)
+        with pytest.raises(ValueError, match=r"^fake features must be a 2-D array \[N, D\], got shape \(5,\)$"):
+            fn(ok, flat)
+        with pytest.raises(ValueError, match="^real features contain NaN or infinite values$"):
+            fn(bad, ok)
+        with pytest.raises(ValueError, match="^fake features contain NaN or infinite values$"):
+            fn(ok, bad)
+    for fn in (metrics.pairwise_distances, metrics.nearest_neighbours):
+        with pytest.raises(ValueError, match=r"^query must be a 2-D array \[N, D\], got shape \(5,\)$"):
+            fn(flat, ok)
+        with pytest.raises(ValueError, match=r"^reference must be a 2-D array \[N, D\], got shape \(5,\)$"):
+            fn(ok, flat)
+        with pytest.raises(ValueError, match="^query contain NaN or infinite values$"):
+            fn(bad, ok)
+        with pytest.raises(ValueError, match="^reference contain NaN or infinite values$"):
+            fn(ok, bad)
+    with pytest.raises(ValueError, match=r"^features must be a 2-D array \[N, D\], got shape \(2, 2, 2\)$"):
+        metrics.fid(np.zeros((2, 2, 2)), ok)
+
+
+def test_recall_uses_the_fake_manifold_k():
+    # the line of test_precision_recall_known_answers with the roles swapped: recall is now the share
+    # of (0.5, 5.5, 12, 20) inside the k = 1 balls [-1, 1], [0, 2], [1, 5], [3, 11] of (0, 1, 3, 7): 2 of 4
+    # (k = 3 balls, [-7, 7], [-5, 7], [-1, 7], [0, 14], would hold 3 of 4)
+    real = np.array([[0.5], [5.5], [12.0], [20.0]])
+    fake = np.array([[0.0], [1.0], [3.0], [7.0]])
+    assert metrics.precision_recall(real, fake, k=1) == {"precision": 1.0, "recall": 0.5, "k_real": 1, "k_fake": 1}
+    assert metrics.manifold_coverage(fake, real, 3).mean() == 0.75
+
+
+def test_memorisation_ratio_of_small_distances():
+    # features whose nearest-neighbour distances are far below 1: the ratio is still the plain ratio
+    train, held, samples = gaussian(30, 4, 51, scale=1e-3), gaussian(20, 4, 52, scale=1e-3), gaussian(10, 4, 53, scale=1e-3)
+    brute = lambda q: np.linalg.norm(q[:, None] - train[None], axis=-1).min(1)  # noqa: E731
+    out = metrics.memorisation(samples, train, held)
+    assert np.median(brute(held)) < 1e-2
+    assert out["nn_ratio"] == pytest.approx(np.median(brute(samples)) / np.median(brute(held)), rel=1e-6)
+    # held-out rows that are training rows: distance 0, and the ratio stays finite
+    assert np.isfinite(metrics.memorisation(samples, train, train[:5])["nn_ratio"])
