@@ -827,3 +827,194 @@ def test_save_samples_keys(tmp_path):
     data = np.load(tmp_path / "samples.npz")
     assert sorted(data.files) == ["arr_0", "labels", "samples"]
     assert np.array_equal(data["arr_0"], s) and np.array_equal(data["samples"], s) and data["labels"].tolist() == [3, 4]
+
+
+# ==============================================================================================
+# scripts/train_tokenizer.py
+# ==============================================================================================
+from scripts import train_tokenizer as tt  # noqa: E402  (grouped with its tests)
+
+
+def tok_args(*argv, **fields):
+    args = tt.get_parser().parse_args(["--train-data", "unused", "--out-dir", "unused", *map(str, argv)])
+    for k, v in fields.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_train_tokenizer_defaults():
+    a = tok_args()
+    expected = dict(train_split="train", val_data=None, val_split="val", val_max_images=512, dataset_dir=None,
+                    image_size=256, window=None, fit="pad", hflip=0.0, random_ct_window=False, cache_gb=2.0,
+                    num_workers=0, config="MedITok-Tiny", init_ckpt=None, grad_checkpointing=False,
+                    data_parallel="ddp", precision="bf16", batch_size=32, epochs=10, max_steps=0, max_minutes=0.0,
+                    stop_at_step=0, lr=5e-4, end_lr_ratio=0.1, warmup_steps=100, weight_decay=0.02, beta1=0.9,
+                    beta2=0.95, grad_clip=10.0, ema_decay=0.999, seed=0, l1=0.2, l2=1.0, vq_weight=1.0,
+                    entropy_weight=0.0, perceptual_weights=None, perceptual_weight=1.0, disc_weight=0.0,
+                    disc_start=2000, disc_adaptive=True, disc_lr=2e-5, disc_width=64, disc_layers=3,
+                    dead_code_every=0, dead_code_threshold=0.03, log_every=20, eval_every=500, grid_images=8,
+                    ckpt_every=1000, keep_last=2, no_tensorboard=False, no_progress=False)
+    assert {k: getattr(a, k) for k in expected} == expected
+    assert tok_args("--no-disc-adaptive").disc_adaptive is False
+    for missing in (["--train-data", "t"], ["--out-dir", "o"]):
+        with pytest.raises(SystemExit):
+            tt.get_parser().parse_args(missing)
+
+
+def test_random_ct_window_formula():
+    """level uniform in [-600, 600] HU, width log-uniform in [80, 2000], from the item's own seeded generator."""
+    for seed, epoch, index in ((0, 0, 0), (3, 1, 7), (5, 2, 11)):
+        g = torch.Generator().manual_seed(hash((seed, epoch, index)) & (2 ** 63 - 1))
+        u, v = torch.rand((), generator=g).item(), torch.rand((), generator=g).item()
+        level, width = tt.random_ct_window(seed, epoch, index)
+        assert level == pytest.approx(1200 * u - 600, abs=1e-9)
+        assert width == pytest.approx(80 * 25 ** v, rel=1e-12)
+    draws = [tt.random_ct_window(1, 0, i) for i in range(200)]
+    levels, widths = zip(*draws)
+    assert -600 <= min(levels) < -500 and 500 < max(levels) <= 600
+    assert 80 <= min(widths) < 100 and 1600 < max(widths) <= 2000
+    assert sum(w < math.sqrt(80 * 2000) for w in widths) in range(70, 131)  # log-uniform: half below the geometric mean
+    assert len(set(draws)) == 200 and tt.random_ct_window(1, 0, 5) == draws[5]
+    assert tt.random_ct_window(1, 1, 5) != draws[5] and tt.random_ct_window(2, 0, 5) != draws[5]
+
+
+def test_ct_window_jitter_follows_its_epoch():
+    jitter = tt.CTWindowJitter(4)
+    assert (jitter.seed, jitter.epoch) == (4, 0)
+    assert jitter({"identifier": "x"}, 3) == {"window": tt.random_ct_window(4, 0, 3)}
+    jitter.epoch = 2
+    assert jitter({}, 3) == {"window": tt.random_ct_window(4, 2, 3)}
+
+
+def test_augment_flips_whole_images_by_the_documented_draw():
+    x = torch.arange(6 * 2 * 3 * 4, dtype=torch.float32).reshape(6, 2, 3, 4)
+    assert tt.augment(x, tok_args(hflip=0.0), 1, 2, 0) is x
+    assert torch.equal(tt.augment(x, tok_args(hflip=1.0), 1, 2, 0), x.flip(-1))
+    seed, step, rank = 3, 5, 1
+    g = torch.Generator().manual_seed((seed * 1000003 + step) * 1009 + rank)
+    flip = torch.rand(6, generator=g) < 0.5
+    assert 0 < flip.sum() < 6
+    out = tt.augment(x, tok_args(hflip=0.5), seed, step, rank)
+    for i in range(6):
+        assert torch.equal(out[i], x[i].flip(-1) if flip[i] else x[i])  # left-right only, never up-down
+    assert not torch.equal(tt.augment(x, tok_args(hflip=0.5), seed, step, 0), out)  # each rank its own draw
+
+
+def test_adaptive_gan_weight_is_the_gradient_norm_ratio():
+    layer = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    a, b = torch.tensor([[1.0, -2.0], [0.5, 2.0]]), torch.tensor([[3.0, 0.0], [4.0, 0.0]])
+    shared = layer * 2  # both losses go through one intermediate: the graph must survive both grads
+    rec, gan = (shared * a).sum(), (shared * b).sum()
+    w = tt.adaptive_gan_weight(rec, gan, layer)
+    # d rec / d layer = 2a, d gan / d layer = 2b: ||2a|| / (||2b|| + 1e-4)
+    expected = (2 * a).norm() / ((2 * b).norm() + 1e-4)
+    assert w.item() == pytest.approx(expected.item(), rel=1e-6) and not w.requires_grad
+    (rec + gan).backward()  # the graph is still there
+    assert torch.equal(layer.grad, 2 * a + 2 * b)
+    layer2 = torch.ones(2, requires_grad=True)
+    big = tt.adaptive_gan_weight((layer2 * 10).sum(), (layer2 * 0).sum(), layer2)
+    assert big.item() == 1e4  # clamped: 14.1 / 1e-4 would be 1.4e5
+    zero = tt.adaptive_gan_weight((layer2 * 0).sum(), (layer2 * 3).sum(), layer2)
+    assert zero.item() == 0.0
+
+
+def test_tokenizer_is_training_state():
+    assert tt.is_training_state({"optimizer": {}, "step": 1})
+    assert not tt.is_training_state({"optimizer": {}, "steps": 1})
+    assert not tt.is_training_state({"step": 1})
+    assert not tt.is_training_state([("optimizer", 0), ("step", 0)])
+
+
+def test_tokenizer_optimizers_exclude_codebooks_from_decay():
+    model = torch.nn.ModuleDict({"codebook": torch.nn.Embedding(4, 3), "proj": torch.nn.Linear(3, 2),
+                                 "norm": torch.nn.LayerNorm(2), "frozen": torch.nn.Linear(2, 2)})
+    model["frozen"].requires_grad_(False)
+    disc = torch.nn.Linear(2, 1)
+    args = tok_args(weight_decay=0.3, lr=0.01, beta1=0.6, beta2=0.7, disc_lr=0.002)
+    opt, disc_opt = tt.build_optimizers(args, model, disc)
+    decay, no_decay = opt.param_groups
+    assert [id(p) for p in decay["params"]] == [id(model["proj"].weight)]
+    assert [id(p) for p in no_decay["params"]] == [id(p) for p in (model["codebook"].weight, model["proj"].bias,
+                                                                    model["norm"].weight, model["norm"].bias)]
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.3, 0.0)
+    for g in opt.param_groups:
+        assert (g["lr"], g["betas"], g["eps"], g["fused"]) == (0.01, (0.6, 0.7), 1e-8, True)
+    (g,) = disc_opt.param_groups
+    assert [id(p) for p in g["params"]] == [id(disc.weight), id(disc.bias)]
+    assert (g["lr"], g["betas"], g["weight_decay"], g["fused"]) == (0.002, (0.5, 0.9), 0.3, True)
+    assert tt.build_optimizers(args, model, None)[1] is None
+
+
+def test_budget_is_a_safety_stop_only():
+    off = tt.Budget(0, CPU)
+    assert off.deadline is None and not off.spent()
+    assert tt.Budget(-1, CPU).deadline is None
+    import time
+    before = time.time()
+    on = tt.Budget(2.0, CPU)
+    assert before + 119 <= on.deadline <= time.time() + 121 and not on.spent()
+    on.deadline = time.time() - 1
+    assert on.spent() is True
+
+
+def grey_pngs(folder: Path, splits):
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, split in enumerate(splits):
+        Image.fromarray(np.full((8, 12), 20 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+        rows.append({"identifier": f"{i}.png", "split": split})
+    write_metadata(rows, folder / "meta.csv")
+    return folder / "meta.csv"
+
+
+def test_tokenizer_load_data(tmp_path):
+    meta = grey_pngs(tmp_path / "d", ["train"] * 5 + ["val"] * 7 + ["test"])
+    args = tok_args(train_data=str(meta), image_size=8, batch_size=2, val_max_images=3, fit="stretch")
+    log = Log()
+    data = tt.load_data(args, 1, 2, 1, log, progress=False)
+    assert len(data.train_set) == 5 and data.jitter is None
+    assert (data.sampler.world_size, data.sampler.rank) == (2, 1)
+    # 7 val rows, at most 3: every ceil(7 / 3) = 3rd row (rows 5, 8, 11), in order
+    assert data.val_images.shape == (3, 1, 8, 8)
+    levels = [round((v.mean().item() + 1) / 2 * 255) for v in data.val_images]
+    assert levels == [100, 160, 220]
+    assert data.cache.shape == (5, 1, 8, 8)  # small: decoded once
+    assert [round((c.mean().item() + 1) / 2 * 255) for c in data.cache] == [0, 20, 40, 60, 80]
+    assert "5 train images (train), 3 val images (val)" in log.text
+    # No cache when it does not fit (or with random CT windows: every epoch reads again); splits by comma.
+    data = tt.load_data(tok_args(train_data=str(meta), image_size=8, batch_size=2, cache_gb=0.0, train_split="train,test",
+                                 val_split="test"), 1, 1, 0, Log(), progress=False)
+    assert data.cache is None and len(data.train_set) == 6 and data.val_images.shape[0] == 1
+    data = tt.load_data(tok_args(train_data=str(meta), image_size=8, batch_size=2, random_ct_window=True, seed=9),
+                        1, 1, 0, Log(), progress=False)
+    assert data.cache is None and data.jitter.seed == 9
+    other = grey_pngs(tmp_path / "v", ["val"] * 2)  # --val-data: its own file
+    data = tt.load_data(tok_args(train_data=str(meta), val_data=str(other), image_size=8, batch_size=2), 1, 1, 0,
+                        Log(), progress=False)
+    assert data.val_images.shape[0] == 2
+    log = Log()
+    data = tt.load_data(tok_args(train_data=str(meta), image_size=8, batch_size=2, val_split="none"), 1, 1, 0, log,
+                        progress=False)
+    assert data.val_images is None and "no validation rows" in log.text
+    with pytest.raises(ValueError, match=r"meta\.csv: 5 rows of split 'train', fewer than one batch of 6"):
+        tt.load_data(tok_args(train_data=str(meta), image_size=8, batch_size=6), 1, 1, 0, Log(), progress=False)
+
+
+def test_build_tokenizer_sources_and_frozen_head(tmp_path, tokenizers):
+    made, _, vq = tokenizers
+    model = tt.build_tokenizer(tok_args(config="MedITok-Tiny", image_size=16, entropy_weight=0.1), CPU, None, Log())
+    assert model.training and model.img_size == 16 and model.config.use_entropy_loss is True
+    assert not any(p.requires_grad for p in model.fc_norm.parameters())
+    assert not any(p.requires_grad for p in model.projection.parameters()) and not model.logit_scale.requires_grad
+    assert all(p.requires_grad for p in model.decoder.parameters())
+    assert tt.build_tokenizer(tok_args(image_size=16), CPU, None, Log()).config.use_entropy_loss is False
+    log = Log()
+    tuned = tt.build_tokenizer(tok_args(init_ckpt=str(made), image_size=32), CPU, None, log)
+    assert all(torch.equal(tuned.state_dict()[k], v) for k, v in vq.state_dict().items())
+    assert f"fine-tuning from {made}" in log.text
+    with pytest.raises(ValueError, match=rf"the model in {made} is built for 32 px, but --image-size is 16"):
+        tt.build_tokenizer(tok_args(image_size=16), CPU, Path(made), Log())
+    resumed = tt.build_tokenizer(tok_args(image_size=32, init_ckpt="ignored.pt"), CPU, Path(made), Log())
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in vq.state_dict().items())
+    ckpt = tt.build_tokenizer(tok_args(image_size=16, grad_checkpointing=True), CPU, None, Log())
+    assert isinstance(ckpt.decoder.blocks, tt.CheckpointedSequential)
