@@ -396,11 +396,16 @@ def test_infer_config_grouped_query_attention_and_swiglu_width():
     assert cfg == dict(dim=128, n_layer=3, n_output_layer=2, num_codebooks=3, vocab_size=96, class_dropout_prob=0.1,
                        cls_token_num=1, block_size=256, cond_rotation="zero", num_classes=4, n_head=8, n_kv_head=2,
                        multiple_of=384)
-    assert ModelArgs(**{**cfg, "block_size": 16}).ffn_hidden_dim == 384
+    assert all(type(v) is int for k, v in cfg.items() if k not in ("class_dropout_prob", "cond_rotation"))
+    rebuilt = _shapes_only(ModelArgs(**{**cfg, "block_size": 16}))  # and it builds that model
+    assert {k: v.shape for k, v in rebuilt.items()} == {k: v.shape for k, v in sd.items()}
     assert infer_config(sd, n_head=8, n_kv_head=4)["n_kv_head"] == 4  # given, not inferred
     given = infer_config(sd, n_head=8, multiple_of=96)
     assert given["multiple_of"] == 96
     assert "multiple_of" not in infer_config(sd, n_head=8, ffn_dim_multiplier=1.0)
+    # A width of exactly int(8 dim / 3) that is no multiple of 256 (multiple_of 1): multiple_of = that width.
+    exact = _shapes_only(ModelArgs(dim=128, n_layer=1, n_head=4, multiple_of=1, vocab_size=64, num_codebooks=2, block_size=16))
+    assert infer_config(exact)["multiple_of"] == 341
     # Without n_head the registry's GPT-Tiny (4 heads of 32) is assumed: 12 rows of 16 = 6 of 32 -> 1 kv head.
     assert infer_config(sd)["n_kv_head"] == 1
     # As many kv heads as heads: plain multi-head attention (None).
@@ -515,6 +520,11 @@ def test_load_gpt_applies_overrides_and_names_the_source_of_a_mismatch(tmp_path)
     assert ckpt["config"] == asdict(config)  # the raw checkpoint, not the overridden config
     assert all(p.device.type == "cpu" for p in loaded.parameters())  # real tensors, not the meta placeholders
     assert loaded.config.cond_rotation == "zero"
+    # prefer_ema=False still takes the EMA weights when they are the only ones.
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    torch.save({"ema": ema, "config": asdict(config)}, tmp_path / "ema_only.pt")
+    only, _ = load_gpt(tmp_path / "ema_only.pt", prefer_ema=False)
+    assert all(torch.equal(only.state_dict()[k], ema[k]) for k in ema)
     sd = model.state_dict()
     del sd["norm.weight"]
     for name, obj, where in (("plain.pt", sd, "plain"), ("ema.pt", {"ema": sd, "config": asdict(config)}, "ema")):
