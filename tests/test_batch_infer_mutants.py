@@ -1,8 +1,12 @@
-"""batch_infer's output naming and skip-finished checks, against names written out by hand (tests added
-for mutation testing, docs/MUTATION.md). Pure functions only: no model, no files beyond a few bytes."""
+"""batch_infer's helpers against values written out by hand, files read back and torch's / argparse's own
+behaviour (tests added for mutation testing, docs/MUTATION.md): output names, the skip-finished check, the
+row sharding over ranks, the command line, the folder's bookkeeping and the run's plan. No model; files of
+a few bytes."""
 import hashlib
 import json
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -358,7 +362,7 @@ def test_take_over_folder_writes_compares_and_clears(tmp_path, capsys):
     assert manifest_file(out)["tokenizer"]["path"] == "b.pt"  # a change that no output depends on: rewritten
 
     # outputs, claims and journals of an earlier run made with fit "pad"
-    (out / "tokenizer.json").write_text(json.dumps(manifest("pad", "c.pt")))
+    (out / "tokenizer.json").write_text(json.dumps({**manifest("pad", "c.pt"), "image_size": 32}))
     (out / "sub").mkdir()
     for name in ("a.pt", "sub/b.pt", "failures.jsonl", "mine.pt"):
         (out / name).write_bytes(b"x")
@@ -370,9 +374,9 @@ def test_take_over_folder_writes_compares_and_clears(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bi.take_over_folder(args, out, state, new)
     assert e.value.code == (f"{out} holds outputs made with other settings (tokenizer.json):\n"
-                            '  fit: "pad" -> "crop"\n'
+                            '  image_size: 32 -> (absent)\n  fit: "pad" -> "crop"\n'
                             "use another --output_dir, or pass --overwrite_changed to delete those outputs and redo them")
-    assert (out / "a.pt").exists() and manifest_file(out) == manifest("pad", "c.pt")  # nothing touched
+    assert (out / "a.pt").exists() and manifest_file(out)["image_size"] == 32  # nothing touched
 
     args.overwrite_changed = True
     capsys.readouterr()
@@ -381,7 +385,8 @@ def test_take_over_folder_writes_compares_and_clears(tmp_path, capsys):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         ".batch_infer", ".batch_infer/lock", "link.pt", "mine.pt", "sub", "tokenizer.json"]
     assert manifest_file(out) == new
-    assert capsys.readouterr().out == '--overwrite_changed: settings changed (fit: "pad" -> "crop"); removed 2 earlier outputs\n'
+    assert capsys.readouterr().out == ('--overwrite_changed: settings changed (image_size: 32 -> (absent); '
+                                       'fit: "pad" -> "crop"); removed 2 earlier outputs\n')
 
 
 def test_take_over_folder_without_a_manifest_but_with_claims(tmp_path):
@@ -503,3 +508,105 @@ def test_worker_death_reads_the_pids_of_both_torch_messages():
     assert bi.worker_death(RuntimeError("DataLoader worker exited unexpectedly")) == set()  # no pid: all readers
     assert bi.worker_death(RuntimeError("CUDA error 700 (pid 5)")) is None  # not a worker's death
     assert bi.worker_death(ValueError("DataLoader worker (pid 5) is killed by signal")) is None
+
+
+def leftover(folder, name):
+    """A temporary as datasets.files' atomic writers name it (tempfile.mkstemp in the destination folder)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return Path(path)
+
+
+def test_remove_stale_temporaries_only_ours(tmp_path):
+    out = tmp_path / "out"
+    ours = [leftover(out / "a", "img.pt"), leftover(out, "tokenizer.json"), leftover(out / ".batch_infer", "claims.jsonl"),
+            leftover(out / ".batch_infer" / "parts", "rank1.json"), leftover(out, "x.y.png")]
+    theirs = [leftover(out / "a", "other.pt"), leftover(out, "img.pt"), leftover(out / "b", "img.pt")]
+    (out / "a" / "img.pt.tmp").write_bytes(b"")  # not a hidden temporary
+    (out / ".img.pt.tmp.keep").write_bytes(b"")
+    kept = sorted(p for p in out.rglob("*") if p.is_file() and p not in ours)
+    assert bi.remove_stale_temporaries(out, {"a/img.pt", "tokenizer.json", "x.y.png", "c.pt"}) == len(ours)
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == kept and all(p.exists() for p in theirs)
+    assert bi.remove_stale_temporaries(out, {"a/img.pt"}) == 0
+
+
+def test_rows_being_read_and_the_tracker(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "reading.11").write_text("a.pt")
+    (state / "reading.12").write_text("")  # finished its row
+    (state / "reading.13").write_text("c/d.pt")
+    (state / "reading.x1").write_text("e.pt")  # not a pid
+    (state / "other.11").write_text("f.pt")
+    assert bi.rows_being_read(state, {13, 99}) == {13: "c/d.pt"}  # only those pids, and their files go
+    assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.11", "reading.12", "reading.x1"]
+    assert bi.rows_being_read(state) == {11: "a.pt"}
+    assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.x1"]
+
+    seen = []
+
+    class Rows:
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            seen.append((state / f"reading.{os.getpid()}").read_text())  # what a killed reader leaves behind
+            return i * 10
+
+    tracker = bi.ReadTracker(Rows(), ["long/name0.pt", "n1.pt", "x.pt"], state)
+    assert len(tracker) == 3 and [tracker[i] for i in (0, 1, 2)] == [0, 10, 20]
+    assert seen == ["long/name0.pt", "n1.pt", "x.pt"]  # the name alone, no tail of a longer earlier one
+    assert (state / f"reading.{os.getpid()}").read_text() == ""  # cleared once the row is read
+    assert oct((state / f"reading.{os.getpid()}").stat().st_mode & 0o777) == oct(0o644 & ~current_umask())
+
+
+def current_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_append_jsonl_and_input_stat(tmp_path):
+    p = tmp_path / "j.jsonl"
+    bi.append_jsonl(p, [{"a": 1}, {"b": [2, "x"]}])
+    bi.append_jsonl(p, [{"c": None}], sync=True)
+    assert p.read_text(encoding="utf-8") == '{"a": 1}\n{"b": [2, "x"]}\n{"c": null}\n'
+    bi.append_jsonl(tmp_path / "none.jsonl", [])
+    assert not (tmp_path / "none.jsonl").exists()  # nothing to write: no file
+    src = tmp_path / "in.png"
+    src.write_bytes(b"12345")
+    st = os.stat(src)
+    assert bi.input_stat(json.dumps([str(src), None, None, None, None])) == [5, st.st_mtime_ns]
+    assert bi.input_stat(json.dumps([str(tmp_path / "gone.png"), 3, 0, None, None])) is None
+
+
+def test_input_key_series_and_safe_names(tmp_path):
+    meta = tmp_path / "m" / "meta.csv"
+    row = {"identifier": "x/v.nii", "slice_index": "7", "slice_axis": "coronal", "window": "bone",
+           "SeriesInstanceUID": "1.2"}
+    assert bi.input_key(row, meta, None) == json.dumps([str(tmp_path / "m" / "x" / "v.nii"), 7, 1, "bone", "1.2"])
+    assert bi.input_key({"identifier": "v.nii", "slice_axis": 2}, meta, str(tmp_path / "d")) == json.dumps(
+        [str(tmp_path / "d" / "v.nii"), None, None, None, None])  # no slice: the axis does not matter
+    assert bi.input_key({"identifier": "a/../v.nii", "root_dir": str(tmp_path / "r")}, meta, None) == json.dumps(
+        [str(tmp_path / "r" / "v.nii"), None, None, None, None])  # normalised, root_dir used
+    assert bi.row_series({"series_uid": "9", "SeriesInstanceUID": "8"}) == "9"
+    assert bi.row_series({"series_uid": "", "SeriesInstanceUID": "8"}) == "8" and bi.row_series({}) is None
+    assert bi._safe("a b/c:d,e+f=g-h.i_ü") == "a_b_c_d,e+f=g-h.i__"
+
+
+def test_symlinked_parent(tmp_path):
+    out = tmp_path / "out"
+    (out / "a" / "b").mkdir(parents=True)
+    (out / "f").write_bytes(b"")
+    os.symlink(tmp_path, out / "a" / "l")
+    cache = {}
+    assert bi.symlinked_parent(out, "a/b/x.pt", cache) is None
+    assert bi.symlinked_parent(out, "x.pt", cache) is None
+    assert bi.symlinked_parent(out, "a/l/c/x.pt", cache) == out / "a" / "l"  # the first one on the way
+    assert bi.symlinked_parent(out, "f/x.pt", cache) == out / "f"  # a file where a folder should be
+    assert bi.symlinked_parent(out, "new/deeper/x.pt", cache) is None  # not there yet: created later
+    (out / "a" / "b").rmdir()
+    os.symlink(tmp_path, out / "a" / "b")
+    assert bi.symlinked_parent(out, "a/b/y.pt", cache) is None  # answered from the cache, per folder
+    assert bi.symlinked_parent(out, "a/b/y.pt", {}) == out / "a" / "b"
