@@ -525,6 +525,10 @@ def test_load_gpt_applies_overrides_and_names_the_source_of_a_mismatch(tmp_path)
     torch.save({"ema": ema, "config": asdict(config)}, tmp_path / "ema_only.pt")
     only, _ = load_gpt(tmp_path / "ema_only.pt", prefer_ema=False)
     assert all(torch.equal(only.state_dict()[k], ema[k]) for k in ema)
+    for wrapper in ("state_dict", "module"):  # other trainers' wrapper keys
+        torch.save({wrapper: ema, "config": asdict(config)}, tmp_path / f"{wrapper}.pt")
+        other, _ = load_gpt(tmp_path / f"{wrapper}.pt")
+        assert all(torch.equal(other.state_dict()[k], ema[k]) for k in ema)
     sd = model.state_dict()
     del sd["norm.weight"]
     for name, obj, where in (("plain.pt", sd, "plain"), ("ema.pt", {"ema": sd, "config": asdict(config)}, "ema")):
