@@ -328,6 +328,8 @@ def test_saved_config_keeps_what_shapes_do_not_show(tmp_path):
     assert same_weights(model, ckpt["model"])
     rebuilt = build_meditok(tmp_path / "t.pt")
     assert rebuilt.config == model.config and rebuilt.img_size == 24 and not rebuilt.training
+    # a stored config wins over a registered name (which only stands in for a missing config)
+    assert build_meditok(tmp_path / "t.pt", model_name=TINY).config == model.config
     # an explicit size wins over the stored one; overrides replace fields of the stored config
     again = build_meditok(tmp_path / "t.pt", img_size=40, vq_beta=0.75)
     assert again.img_size == 40 and again.grid_size == 5 and again.config == replace(model.config, vq_beta=0.75)

@@ -306,3 +306,20 @@ def test_memorisation_ratio_of_small_distances():
     assert out["nn_ratio"] == pytest.approx(np.median(brute(samples)) / np.median(brute(held)), rel=1e-6)
     # held-out rows that are training rows: distance 0, and the ratio stays finite
     assert np.isfinite(metrics.memorisation(samples, train, train[:5])["nn_ratio"])
+
+
+def test_features_become_float64_numpy_from_any_input():
+    a, b = gaussian(30, 4, 54), gaussian(25, 4, 55, shift=0.5)
+    for x in (a.astype(np.float32), a.astype(np.float16), np.arange(8).reshape(4, 2), torch.from_numpy(a).float(),
+              torch.tensor(a, requires_grad=True), [[1, 2], [3, 4]]):
+        out = metrics.as_features(x)
+        assert isinstance(out, np.ndarray) and out.dtype == np.float64 and out.shape == np.shape(x)
+    # torch tensors, even ones that require grad, give the numbers of the same numpy array
+    ta, tb = torch.tensor(a, requires_grad=True), torch.from_numpy(b)
+    assert metrics.fid(ta, tb) == metrics.fid(a, b)
+    assert metrics.precision_recall(ta, tb, k=3) == metrics.precision_recall(a, b, k=3)
+
+
+def test_covariance_needs_two_rows():
+    with pytest.raises(ValueError, match="^need at least 2 feature vectors for a covariance, got 1$"):
+        metrics.fid(np.zeros((1, 3)), np.zeros((4, 3)))
