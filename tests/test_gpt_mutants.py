@@ -585,6 +585,13 @@ def test_vq_embedder_calls_outside_decoding_are_independent_and_errors_are_named
         with pytest.raises(CheckpointError) as err:
             emb.load_tokenizer({k: v for k, v in part.items() if k != drop}, context="tok.pt")
         assert f"(tok.pt [{where}])" in str(err.value) and drop[len(where) + 1:] in str(err.value)
+    with pytest.raises(CheckpointError) as err:  # without a context: the part alone
+        emb.load_tokenizer({k: v for k, v in part.items() if k != "post_quant_proj.norm1.bias"})
+    assert "( [post_quant_proj])" in str(err.value)
+    # A bf16 model reads the float32 code vectors in its own dtype.
+    half = _vq_model().tok_embeddings.eval().to(torch.bfloat16)
+    with torch.no_grad():
+        assert half(b).dtype == torch.bfloat16
 
 
 def test_vq_embedder_decoding_keeps_the_history_and_follows_a_shrunk_batch():
