@@ -136,3 +136,28 @@ def test_cache_reads_cover_the_filled_slots_eager_and_the_whole_cache_compiled(m
     assert calls == [([0, 1], 2), ([2], None), ([3], None), ([4], None), ([5], None)] and not any(packed)
     assert torch.equal(eager, fixed)
     assert not fixed.is_inference() and fixed.requires_grad is False  # a normal tensor, usable outside inference mode
+
+
+def test_low_precision_logits_are_sampled_in_float32():
+    """bf16 logits (a bf16 model) are filtered and drawn in float32: the same codes as their float32 copy."""
+    from models.generate import sample_logits
+    logits = (torch.randn(400, 300, generator=torch.Generator().manual_seed(0)) * 3).bfloat16()
+    for kw in (dict(), dict(top_k=50, top_p=0.9)):
+        a = sample_logits(logits, generator=torch.Generator().manual_seed(2), **kw)
+        b = sample_logits(logits.float(), generator=torch.Generator().manual_seed(2), **kw)
+        assert torch.equal(a, b), kw
+
+
+def test_setting_errors_are_whole_messages(monkeypatch):
+    from models.generate import guidance_scales
+    with pytest.raises(ValueError) as err:
+        guidance_scales(2.0, 3, cfg_schedule="cosine")
+    assert str(err.value) == "cfg_schedule='cosine'; choose from ('constant', 'linear')"
+    model = Transformer(tiny_args()).double()
+    with pytest.raises(ValueError) as err:
+        generate(model, torch.tensor([0]), 4, prepack=True)
+    assert str(err.value) == "prepack=True needs a float32 model on the CPU and a torch build with oneDNN"
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    generate(model.float(), torch.tensor([0]), 4, compile=True)
+    assert seen == [dict(dynamic=False)]  # one compilation for every step: the shapes never change
