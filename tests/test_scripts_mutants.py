@@ -391,6 +391,28 @@ def test_find_resume_checkpoint_picks_the_newest_loadable(tmp_path):
         train_c2i.find_resume_checkpoint(d, Log())
 
 
+def test_find_resume_checkpoint_reads_latest_once_and_tries_it_last_without_steps(tmp_path, monkeypatch):
+    import models.training
+
+    d = tmp_path / "checkpoints"
+    d.mkdir()
+    save_state(d / "latest.pt", 4, tag="latest")
+    save_state(d / "0000002.pt", 2)
+    reads = []
+    real = models.training.load_checkpoint
+    monkeypatch.setattr(models.training, "load_checkpoint", lambda p, *a, **k: reads.append(Path(p).name) or real(p, *a, **k))
+    path, ckpt = train_c2i.find_resume_checkpoint(d, Log())
+    assert path == d / "latest.pt" and ckpt["tag"] == "latest" and reads == []  # read once, to learn its step
+    # latest.pt without a step count ranks below every numbered file, step 0 included: no skip is logged.
+    atomic_save({"optimizer": {}}, d / "latest.pt")
+    (d / "0000002.pt").unlink()
+    save_state(d / "0000000.pt", 0)
+    log = Log()
+    assert train_c2i.find_resume_checkpoint(d, log)[0] == d / "0000000.pt" and log.lines == []
+    (d / "latest.pt").write_bytes(b"truncated")  # unreadable: also ranked last
+    assert train_c2i.find_resume_checkpoint(d, log)[0] == d / "0000000.pt" and log.lines == []
+
+
 def test_find_resume_checkpoint_prefers_sharded_folders_that_are_as_new(tmp_path):
     d = tmp_path / "checkpoints"
     d.mkdir()
@@ -591,6 +613,18 @@ def test_run_id_hashes_labels_and_file_identities(tmp_path):
     assert sample_c2i.run_id([2, 0], a, b) != expected
 
 
+def test_file_id_of_a_hub_reference_is_the_cached_file(tmp_path, monkeypatch):
+    cached = tmp_path / "cache" / "w.pt"
+    cached.parent.mkdir()
+    cached.write_bytes(b"abc")
+    asked = []
+    monkeypatch.setattr(sample_c2i, "resolve_weights", lambda ref: asked.append(ref) or cached)
+    assert sample_c2i._file_id("hf://org/repo/w.pt") == [str(cached.resolve()), 3, cached.stat().st_mtime_ns]
+    assert asked == ["hf://org/repo/w.pt"]
+    assert sample_c2i._file_id(str(cached)) == [str(cached.resolve()), 3, cached.stat().st_mtime_ns]
+    assert asked == ["hf://org/repo/w.pt"]  # a local path is not resolved through the Hub
+
+
 def test_run_name_spells_every_setting():
     args = sample_args(cfg_scale=2.0, cfg_schedule="linear", cfg_interval=-1, top_k=5, top_p=0.75, temperature=0.5,
                        global_seed=4)
@@ -761,11 +795,18 @@ def reference_uint8(vq, codes):
 
 
 def test_copy_inputs_decodes_this_ranks_rows(tmp_path, tokenizers):
+    """Rank 1 of 2 decodes rows 1, 3, 5 (row 3 is already there: kept, and row 5 still done); row 5 is a
+    latent (batch_infer --infer_type latent), which needs the tokenizer passed along."""
     _, _, vq = tokenizers
     g = torch.Generator().manual_seed(0)
     rows = []
-    for i in range(4):
-        torch.save(torch.randint(0, vq.codebook_size, (vq.num_codebooks, 4, 4), generator=g), tmp_path / f"{i}.pt")
+    for i in range(6):
+        if i == 5:
+            with torch.no_grad():
+                z = vq.encode_image_vq(torch.rand(1, vq.in_chans, 32, 32, generator=g) * 2 - 1)[0]  # [L, vocab_width]
+            torch.save(z.T.reshape(-1, 4, 4).clone(), tmp_path / f"{i}.pt")
+        else:
+            torch.save(torch.randint(0, vq.codebook_size, (vq.num_codebooks, 4, 4), generator=g), tmp_path / f"{i}.pt")
         rows.append({"identifier": f"{i}.png", "code_identifier": f"{i}.pt", "label": i % 2})
     write_metadata(rows, tmp_path / "m.jsonl")
     from datasets.metadata import read_metadata
@@ -774,11 +815,21 @@ def test_copy_inputs_decodes_this_ranks_rows(tmp_path, tokenizers):
     run = tmp_path / "run"
     (run / "input" / "b").mkdir(parents=True)
     (run / "input" / "b" / "000003.png").write_bytes(b"kept")  # already there: not redone
-    sample_c2i.copy_inputs(args, run, rows, [0, 1, 0, 1], ["a", "b"], vq, 1, 2, torch.device("cpu"))
-    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*.png")) == ["input/b/000001.png", "input/b/000003.png"]
+    sample_c2i.copy_inputs(args, run, rows, [i % 2 for i in range(6)], ["a", "b"], vq, 1, 2, CPU)
+    assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*.png")) == [
+        "input/b/000001.png", "input/b/000003.png", "input/b/000005.png"]
     assert (run / "input" / "b" / "000003.png").read_bytes() == b"kept"
     codes = torch.load(tmp_path / "1.pt").flatten(1)[None]
     assert np.array_equal(np.asarray(Image.open(run / "input" / "b" / "000001.png")), reference_uint8(vq, codes)[0])
+    with torch.no_grad():
+        codes5 = vq.latent_to_idx(torch.load(tmp_path / "5.pt").flatten(1).T[None])  # the tokenizer's own codes
+    assert np.array_equal(np.asarray(Image.open(run / "input" / "b" / "000005.png")), reference_uint8(vq, codes5)[0])
+    # --output-size resizes the copies too
+    sample_c2i.copy_inputs(sample_args(test_data_path=str(tmp_path / "m.jsonl"), output_size=8), tmp_path / "small",
+                           rows, [0] * 6, ["a"], vq, 0, 3, CPU)
+    small = sorted((tmp_path / "small" / "input" / "a").iterdir())
+    assert [p.name for p in small] == ["000000.png", "000003.png"]
+    assert np.asarray(Image.open(small[0])).shape == (8, 8, 3)
 
 
 def test_gather_outputs_files_read_back(tmp_path):
