@@ -2,6 +2,7 @@
 behaviour (tests added for mutation testing, docs/MUTATION.md): output names, the skip-finished check, the
 row sharding over ranks, the command line, the folder's bookkeeping and the run's plan. No model; files of
 a few bytes."""
+import datetime
 import hashlib
 import json
 import os
@@ -11,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 
 import batch_infer as bi
@@ -61,6 +64,8 @@ def test_name_candidates_in_order():
     # with --dataset_dir the root_dir does not resolve the file; duplicates are dropped; SeriesInstanceUID read
     row = {"identifier": "img", "SeriesInstanceUID": "9", "root_dir": "A"}
     assert bi.name_candidates(row, key, ".png", "/ds") == ["img.png", "img_s9.png", f"img_s9_{digest}.png"]
+    row = {"identifier": "v.nii.gz", "slice_index": "12", "slice_axis": "coronal"}  # the axis names the slice
+    assert bi.name_candidates(row, key, ".pt", None) == ["v_y0012.pt", "v.nii.gz_y0012.pt", f"v.nii.gz_y0012_{digest}.pt"]
 
 
 def test_assign_names_by_level():
@@ -555,7 +560,9 @@ def test_rows_being_read_and_the_tracker(tmp_path):
             return i * 10
 
     tracker = bi.ReadTracker(Rows(), ["long/name0.pt", "n1.pt", "x.pt"], state)
+    fds = len(os.listdir("/proc/self/fd"))
     assert len(tracker) == 3 and [tracker[i] for i in (0, 1, 2)] == [0, 10, 20]
+    assert len(os.listdir("/proc/self/fd")) == fds + 1  # one mark file per reader process, not one per row
     assert seen == ["long/name0.pt", "n1.pt", "x.pt"]  # the name alone, no tail of a longer earlier one
     assert (state / f"reading.{os.getpid()}").read_text() == ""  # cleared once the row is read
     assert oct((state / f"reading.{os.getpid()}").stat().st_mode & 0o777) == oct(0o644 & ~current_umask())
@@ -592,7 +599,7 @@ def test_input_key_series_and_safe_names(tmp_path):
         [str(tmp_path / "r" / "v.nii"), None, None, None, None])  # normalised, root_dir used
     assert bi.row_series({"series_uid": "9", "SeriesInstanceUID": "8"}) == "9"
     assert bi.row_series({"series_uid": "", "SeriesInstanceUID": "8"}) == "8" and bi.row_series({}) is None
-    assert bi._safe("a b/c:d,e+f=g-h.i_ü") == "a_b_c_d,e+f=g-h.i__"
+    assert bi._safe("Bone W1 a/b:c,d+e=f-g.h_ü") == "Bone_W1_a_b_c,d+e=f-g.h__"
 
 
 def test_symlinked_parent(tmp_path):
@@ -610,3 +617,37 @@ def test_symlinked_parent(tmp_path):
     os.symlink(tmp_path, out / "a" / "b")
     assert bi.symlinked_parent(out, "a/b/y.pt", cache) is None  # answered from the cache, per folder
     assert bi.symlinked_parent(out, "a/b/y.pt", {}) == out / "a" / "b"
+
+
+def _on_rank0_rank(rank: int, init: str, out: str, fail: bool):
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        def prepare():
+            assert rank == 0, "prepare() ran on rank 1"
+            if fail:
+                raise ValueError("rank 0 says no")
+            return {"names": ["a.pt", None]}
+        try:
+            got = ["ok", bi.on_rank0(2, rank, prepare)]
+        except SystemExit as e:
+            got = ["exit", e.code]
+        Path(f"{out}.{rank}").write_text(json.dumps(got))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_on_rank0_gives_rank0s_result_or_error_to_every_rank(tmp_path, fail):
+    # Rank 0 runs in this process (so mutmut's coverage sees the call), rank 1 in a forked child.
+    args = (f"file://{tmp_path / 'init'}", str(tmp_path / "got"), fail)
+    child = mp.get_context("fork").Process(target=_on_rank0_rank, args=(1, *args))
+    child.start()
+    try:
+        _on_rank0_rank(0, *args)
+    finally:
+        child.join(90)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    expected = ["exit", "rank 0 says no"] if fail else ["ok", {"names": ["a.pt", None]}]
+    assert [json.loads((tmp_path / f"got.{r}").read_text()) for r in (0, 1)] == [expected, expected]
