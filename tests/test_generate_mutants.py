@@ -127,9 +127,13 @@ def test_cache_reads_cover_the_filled_slots_eager_and_the_whole_cache_compiled(m
         packed.append(isinstance(model.output.linear_head, PackedLinear))
         return real(x, input_pos, kv_len)
 
+    sizes = []
+    real_setup = model.setup_caches
+    monkeypatch.setattr(model, "setup_caches", lambda B, S, **kw: sizes.append((B, S)) or real_setup(B, S, **kw))
     monkeypatch.setattr(model, "step", spy)
     eager = generate(model, torch.tensor([1, 0]), 5, cfg_scale=2.0, sample_logits=False)
     assert calls == [([0, 1], 2), ([2], 3), ([3], 4), ([4], 5), ([5], 6)] and all(packed)
+    assert sizes == [(4, 2 + 5 - 1)]  # doubled batch; T + L - 1 slots (the last codes are never fed back)
     calls.clear(), packed.clear()
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     fixed = generate(model, torch.tensor([1, 0]), 5, cfg_scale=2.0, sample_logits=False, compile=True)

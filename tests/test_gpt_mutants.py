@@ -500,6 +500,9 @@ def test_load_vq_embedding_layouts_and_refusal(tmp_path):
     assert load_vq_embedding(tmp_path / "odd.pt")[1]["vq_embed_heads"] == 4
     torch.save({"trainer": {"other": sd}, "model": sd}, tmp_path / "no_unitok.pt")
     assert sorted(load_vq_embedding(tmp_path / "no_unitok.pt")[0]) == part_keys
+    torch.save([sd], tmp_path / "list.pt")  # not a dict at all
+    with pytest.raises(CheckpointError, match="checkpoint holds a list, not a state dict"):
+        load_vq_embedding(tmp_path / "list.pt")
     for drop in ("quantizer.codebooks.0.codebook.weight", "post_quant_proj.proj.weight"):
         torch.save({k: v for k, v in sd.items() if k != drop}, tmp_path / "bad.pt")
         with pytest.raises(CheckpointError) as err:
