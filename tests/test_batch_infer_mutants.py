@@ -434,7 +434,7 @@ def test_plan_run_names_refusals_and_claims(tmp_path):
     args = bi.parse_args(["--output_dir", str(out), "--pretrained_path", "w.pt", "--meta_path", str(meta),
                           "--dataset_dir", str(data), "--num_classes", "3", "--infer_type", "image"])
     rows = [{"identifier": "a.png", "label": 0}, {"identifier": "b/a.png"}, {"identifier": "a.png", "label": 2},
-            {"identifier": "c.png", "label": 3}, {"identifier": "../x.png"}, {"identifier": "d.png"},
+            {"identifier": "c.png", "label": 3, "_line": 5}, {"identifier": "../x.png"}, {"identifier": "d.png"},
             {"identifier": ".batch_infer/f.png"}, {"identifier": "sub/g.png"}, {"identifier": "meta.csv"}]
     key = lambda rel: json.dumps([str(data / rel), None, None, None, None])  # noqa: E731
     digest = lambda rel: hashlib.sha1(key(rel).encode()).hexdigest()[:10]  # noqa: E731
@@ -442,7 +442,7 @@ def test_plan_run_names_refusals_and_claims(tmp_path):
     assert plan["names"] == ["a.png.png", "b/a.png.png", "a.png.png", None, None, f"d.png_{digest('d.png')}.png",
                              None, None, "meta.csv.png"]
     errors = plan["errors"]
-    assert errors[3].startswith("MetadataError: ") and errors[3].endswith("label 3 is outside [0, 3)")
+    assert errors[3] == f"MetadataError: {meta}:5 (c.png): label 3 is outside [0, 3)"  # file and line named
     assert errors[4] == "ValueError: identifier '../x.png' contains '..'; outputs must stay inside --output_dir"
     assert errors[6] == ("no free output name among ['.batch_infer/f.png', '.batch_infer/f.png.png', "
                          f"'.batch_infer/f.png_{digest('.batch_infer/f.png')}.png']")
@@ -470,6 +470,12 @@ def test_plan_run_names_refusals_and_claims(tmp_path):
     rows = [{"identifier": "meta.png"}, {"identifier": "c.png"}]
     assert bi.plan_run(args, rows, out, state, ".csv")["names"] == ["meta.png.csv", "c.csv"]
     assert bi.plan_run(args, rows[1:], out, state, ".png")["names"] == ["c.png.png"]
+    # with --dataset_dir a row's root_dir resolves nothing, so it is no name either: windows 'a b' and 'a_b'
+    # have one safe spelling, and the two inputs end at their hashes, not under R1/ and R2/
+    rows = [{"identifier": "q.png", "window": w, "root_dir": r} for w, r in (("a b", "R1"), ("a_b", "R2"))]
+    digests = [hashlib.sha1(json.dumps([str(data / "q.png"), None, None, w, None]).encode()).hexdigest()[:10]
+               for w in ("a b", "a_b")]
+    assert bi.plan_run(args, rows, out, state, ".pt")["names"] == [f"q.png_wa_b_{d}.pt" for d in digests]
 
 
 def test_plan_run_reads_journals_crashes_and_suspects(tmp_path):
