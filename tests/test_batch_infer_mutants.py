@@ -657,3 +657,53 @@ def test_on_rank0_gives_rank0s_result_or_error_to_every_rank(tmp_path, fail):
     assert child.exitcode == 0
     expected = ["exit", "rank 0 says no"] if fail else ["ok", {"names": ["a.pt", None]}]
     assert [json.loads((tmp_path / f"got.{r}").read_text()) for r in (0, 1)] == [expected, expected]
+
+
+# ---- a whole run in this process: what reaches the manifest and the outputs ----------------------------------
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    from models.meditok import build_meditok, save_meditok
+
+    torch.manual_seed(0)
+    model = build_meditok(model_name="MedITok-Tiny", img_size=32)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_meditok(model, path)
+    return path, model
+
+
+def test_run_records_every_setting_in_the_manifest(tmp_path, tiny_tokenizer, one_thread):
+    ckpt, model = tiny_tokenizer
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 36), dtype=np.uint8)).save(data / "a.png")
+    meta = data / "meta.csv"
+    meta.write_text("identifier\na.png\n")
+    out = tmp_path / "out"
+    argv = ["--output_dir", str(out), "--pretrained_path", str(ckpt), "--meta_path", str(meta), "--infer_type", "latent",
+            "--image_size", "48", "--window", "40,400", "--intensity", "percentile", "--percentiles", "5", "95",
+            "--fit", "crop", "--model_input_min", "0", "--model_input_max", "2", "--model_input_channel", "3",
+            "--max_pixels", "100000", "--num_workers", "0", "--batch_size", "1", "--no_progress"]
+    assert bi.main(bi.parse_args(argv)) == 0
+    manifest = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    assert manifest["preprocessing"] == {"window": "40,400", "intensity": "percentile", "percentiles": [5.0, 95.0],
+                                         "fit": "crop", "model_input_min": 0.0, "model_input_max": 2.0,
+                                         "model_input_channel": 3, "max_pixels": 100000}
+    assert (manifest["image_size"], manifest["infer_type"]) == (48, "latent")
+    assert manifest["tokenizer"]["path"] == str(ckpt)
+    assert manifest["tokenizer"]["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    latent = torch.load(out / "a.pt", weights_only=True)
+    side = 48 // model.config.downsample  # the tokenizer's grid at 48 px, not at the checkpoint's 32
+    assert latent.dtype == torch.float32 and tuple(latent.shape) == (model.vocab_width, side, side)
+    assert manifest["output"] == {"shape": [model.vocab_width, side, side], "dtype": "float32"}
+
+    # without --image_size / --model_input_channel: the checkpoint's 32 px and its 3 channels, codes
+    base = ["--pretrained_path", str(ckpt), "--meta_path", str(meta), "--num_workers", "0", "--no_progress"]
+    assert bi.main(bi.parse_args(base + ["--output_dir", str(tmp_path / "out2")])) == 0
+    manifest = json.loads((tmp_path / "out2" / "tokenizer.json").read_text(encoding="utf-8"))
+    side = 32 // model.config.downsample
+    assert manifest["image_size"] == 32 and manifest["preprocessing"]["model_input_channel"] == 3
+    assert manifest["output"] == {"shape": [model.num_codebooks, side, side], "dtype": "int64"}
+    assert tuple(torch.load(tmp_path / "out2" / "a.pt", weights_only=True).shape) == (model.num_codebooks, side, side)
+    with pytest.raises(SystemExit) as e:
+        bi.main(bi.parse_args(base + ["--output_dir", str(tmp_path / "out3"), "--model_input_channel", "1"]))
+    assert e.value.code == "--model_input_channel 1 but the tokenizer takes 3 channels"
