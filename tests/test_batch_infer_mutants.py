@@ -64,6 +64,12 @@ def test_name_candidates_in_order():
     # with --dataset_dir the root_dir does not resolve the file; duplicates are dropped; SeriesInstanceUID read
     row = {"identifier": "img", "SeriesInstanceUID": "9", "root_dir": "A"}
     assert bi.name_candidates(row, key, ".png", "/ds") == ["img.png", "img_s9.png", f"img_s9_{digest}.png"]
+    # an absolute identifier is not under its root_dir; a root_dir with '..' is refused by name
+    row = {"identifier": "/data/img.png", "root_dir": "A"}
+    assert bi.name_candidates(row, key, ".pt", None) == ["_abs/data/img.pt", "_abs/data/img.png.pt",
+                                                          f"_abs/data/img.png_{digest}.pt"]
+    with pytest.raises(ValueError, match=r"^root_dir '\.\./A' contains '\.\.'; outputs must stay inside --output_dir$"):
+        bi.name_candidates({"identifier": "img.png", "root_dir": "../A"}, key, ".pt", None)
     row = {"identifier": "v.nii.gz", "slice_index": "12", "slice_axis": "coronal"}  # the axis names the slice
     assert bi.name_candidates(row, key, ".pt", None) == ["v_y0012.pt", "v.nii.gz_y0012.pt", f"v.nii.gz_y0012_{digest}.pt"]
 
@@ -536,6 +542,8 @@ def test_remove_stale_temporaries_only_ours(tmp_path):
     theirs = [leftover(out / "a", "other.pt"), leftover(out, "img.pt"), leftover(out / "b", "img.pt")]
     (out / "a" / "img.pt.tmp").write_bytes(b"")  # not a hidden temporary
     (out / ".img.pt.tmp.keep").write_bytes(b"")
+    (out / "a" / "ximg.pt.r1.tmp").write_bytes(b"")  # not hidden: not a temporary of a/img.pt
+    (out / "a" / ".img.pt.abcd").write_bytes(b"")  # hidden, but no .tmp
     kept = sorted(p for p in out.rglob("*") if p.is_file() and p not in ours)
     assert bi.remove_stale_temporaries(out, {"a/img.pt", "tokenizer.json", "x.y.png", "c.pt"}) == len(ours)
     assert sorted(p for p in out.rglob("*") if p.is_file()) == kept and all(p.exists() for p in theirs)
