@@ -500,6 +500,10 @@ def test_load_vq_embedding_layouts_and_refusal(tmp_path):
     assert load_vq_embedding(tmp_path / "odd.pt")[1]["vq_embed_heads"] == 4
     torch.save({"trainer": {"other": sd}, "model": sd}, tmp_path / "no_unitok.pt")
     assert sorted(load_vq_embedding(tmp_path / "no_unitok.pt")[0]) == part_keys
+    for wrapper in ("state_dict", "module"):
+        torch.save({wrapper: ema}, tmp_path / f"{wrapper}.pt")
+        part, _ = load_vq_embedding(tmp_path / f"{wrapper}.pt")
+        assert sorted(part) == part_keys and all(torch.equal(part[k], ema[k]) for k in part)
     torch.save([sd], tmp_path / "list.pt")  # not a dict at all
     with pytest.raises(CheckpointError, match="checkpoint holds a list, not a state dict"):
         load_vq_embedding(tmp_path / "list.pt")
