@@ -255,7 +255,8 @@ def test_kid_subset_size_is_capped_by_the_smaller_set_either_way():
 def test_kid_needs_two_rows_in_each_set():
     two_a, two_b = gaussian(2, 3, 47), gaussian(2, 3, 48, shift=1.0)
     mean, std = metrics.kid(two_a, two_b, subsets=2)  # the smallest sets the unbiased estimate allows
-    assert mean == pytest.approx(_mmd2_loop(two_a, two_b, 3, 1 / 3, 1.0), rel=1e-9) and std == pytest.approx(0, abs=1e-12)
+    assert mean == pytest.approx(_mmd2_loop(two_a, two_b, 3, 1 / 3, 1.0), rel=1e-9)
+    assert std == pytest.approx(0, abs=1e-12)
     with pytest.raises(ValueError, match=r"^KID needs at least 2 rows in each set, got 1 and 5$"):
         metrics.kid(gaussian(1, 3, 49), gaussian(5, 3, 50))
     with pytest.raises(ValueError, match=r"^KID needs at least 2 rows in each set, got 4 and 1$"):
@@ -299,7 +300,8 @@ def test_recall_uses_the_fake_manifold_k():
 
 def test_memorisation_ratio_of_small_distances():
     # features whose nearest-neighbour distances are far below 1: the ratio is still the plain ratio
-    train, held, samples = gaussian(30, 4, 51, scale=1e-3), gaussian(20, 4, 52, scale=1e-3), gaussian(10, 4, 53, scale=1e-3)
+    train, held = gaussian(30, 4, 51, scale=1e-3), gaussian(20, 4, 52, scale=1e-3)
+    samples = gaussian(10, 4, 53, scale=1e-3)
     brute = lambda q: np.linalg.norm(q[:, None] - train[None], axis=-1).min(1)  # noqa: E731
     out = metrics.memorisation(samples, train, held)
     assert np.median(brute(held)) < 1e-2
