@@ -476,6 +476,9 @@ def test_plan_run_names_refusals_and_claims(tmp_path):
     rows = [{"identifier": "meta.png"}, {"identifier": "c.png"}]
     assert bi.plan_run(args, rows, out, state, ".csv")["names"] == ["meta.png.csv", "c.csv"]
     assert bi.plan_run(args, rows[1:], out, state, ".png")["names"] == ["c.png.png"]
+    (data / ".batch_infer" / "s").mkdir()
+    (data / ".batch_infer" / "s" / "f.png").write_bytes(b"img")
+    assert bi.plan_run(args, [{"identifier": ".batch_infer/s/f.png"}], out, state, ".png")["names"] == [None]
     # with --dataset_dir a row's root_dir resolves nothing, so it is no name either: windows 'a b' and 'a_b'
     # have one safe spelling, and the two inputs end at their hashes, not under R1/ and R2/
     rows = [{"identifier": "q.png", "window": w, "root_dir": r} for w, r in (("a b", "R1"), ("a_b", "R2"))]
@@ -499,6 +502,7 @@ def test_plan_run_reads_journals_crashes_and_suspects(tmp_path):
     (state / "reading.124").write_text("")  # a reader that finished its row
     (state / "reading.x").write_text("t.pt")  # not a reader's file
     plan = bi.plan_run(args, rows, out, state, ".pt")
+    assert plan["keys"] == [json.dumps([str(tmp_path / "a.png"), None, None, None, None])]  # beside the metadata
     assert plan["done"] == {"x.pt": {"name": "x.pt", "v": 2}, "y.pt": {"name": "y.pt", "v": 3}}  # the latest wins
     assert plan["crashed"] == {"z.pt": {"name": "z.pt", "reason": "r"}}
     assert json.loads((state / "suspects.json").read_text()) == {"s.pt": 1}  # retried once
