@@ -478,7 +478,8 @@ def _tokenizer_part(width=48, vocab_width=12, K=3, codes=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     sd = {f"quantizer.codebooks.{k}.codebook.weight": torch.randn(codes, vocab_width // K, generator=g) for k in range(K)}
     sd["post_quant_proj.proj.weight"] = torch.randn(width, vocab_width, generator=g)
-    sd["encoder.blocks.0.weight"] = torch.randn(4, generator=g)  # the rest of a tokenizer, left out
+    for i in range(4):  # the rest of a tokenizer, left out (enough keys that the error shows only the first 5)
+        sd[f"encoder.blocks.{i}.weight"] = torch.randn(4, generator=g)
     return sd
 
 
