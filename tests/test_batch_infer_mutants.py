@@ -332,6 +332,7 @@ def test_parse_args_bounds_that_are_allowed():
                                      "--model_input_max", "0.75"])
     assert (args.batch_size, args.max_pixels, args.model_input_min, args.model_input_max) == (1, 0, 0.5, 0.75)
     assert bi.parse_args(REQUIRED + ["--infer_type", "image"]).infer_type == "image"
+    assert bi.parse_args(REQUIRED + ["--precision", "bf16"]).precision == "bf16"  # the default, also when given
 
 
 # ---- taking over a folder, the run's plan -----------------------------------------------------------------
