@@ -563,10 +563,12 @@ def test_rows_being_read_and_the_tracker(tmp_path):
     (state / "reading.13").write_text("c/d.pt")
     (state / "reading.x1").write_text("e.pt")  # not a pid
     (state / "other.11").write_text("f.pt")
+    (state / "reading.7.old").write_text("g.pt")  # not a reader's file either
     assert bi.rows_being_read(state, {13, 99}) == {13: "c/d.pt"}  # only those pids, and their files go
-    assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.11", "reading.12", "reading.x1"]
+    assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.11", "reading.12", "reading.7.old",
+                                                       "reading.x1"]
     assert bi.rows_being_read(state) == {11: "a.pt"}
-    assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.x1"]
+    assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.7.old", "reading.x1"]
 
     seen = []
 
