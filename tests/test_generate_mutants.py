@@ -161,7 +161,13 @@ def test_setting_errors_are_whole_messages(monkeypatch):
     with pytest.raises(ValueError) as err:
         generate(model, torch.tensor([0]), 4, prepack=True)
     assert str(err.value) == "prepack=True needs a float32 model on the CPU and a torch build with oneDNN"
-    seen = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    seen, steps = [], []
+
+    def fake_compile(fn, **kwargs):
+        seen.append(kwargs)
+        return lambda *a, **kw: steps.append(1) or fn(*a, **kw)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
     generate(model.float(), torch.tensor([0]), 4, compile=True)
     assert seen == [dict(dynamic=False)]  # one compilation for every step: the shapes never change
+    assert len(steps) == 3  # and the compiled step decodes positions 1..L-1

@@ -582,6 +582,9 @@ def test_vq_embedder_calls_outside_decoding_are_independent_and_errors_are_named
         emb(a)
         torch.testing.assert_close(emb(b), expected_b)  # nothing carried over from the call before
     assert emb.decoding is False and emb.history is None
+    # The tokenizer part is frozen: only the projector is trainable (an optimizer over trainable parameters skips it).
+    assert [n for n, p in emb.named_parameters() if p.requires_grad] == [
+        f"mm_projector.{i}.{w}" for i in (0, 1, 3) for w in ("weight", "bias")]
     with pytest.raises(ValueError) as err:
         emb(torch.zeros(2, 2, 4, dtype=torch.long))
     assert str(err.value) == "codes have 2 codebooks, the model expects 3"
