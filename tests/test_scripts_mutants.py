@@ -151,6 +151,10 @@ def test_build_model_passes_every_setting_to_the_config():
     del args.cond_rotation, args.vq_embed_path
     c = train_c2i.build_model(args, 4, 3).config
     assert (c.cond_rotation, c.vq_embed_path) == ("zero", None)
+    # train_t2i.py builds through here with --gpt-type t2i (its parser's default) and the caption width.
+    c = train_c2i.build_model(c2i_args(gpt_model="GPT-Tiny", vocab_size=64, gpt_type="t2i", cls_token_num=5), 4, 3,
+                              caption_dim=24).config
+    assert (c.model_type, c.caption_dim, c.cls_token_num, c.cond_rotation) == ("t2i", 24, 5, "identity")
 
 
 def test_build_model_embeds_through_the_tokenizer_file(tokenizers):
@@ -165,6 +169,20 @@ def test_build_model_embeds_through_the_tokenizer_file(tokenizers):
     for k in theirs:
         if k.startswith(("quantizer.", "post_quant_proj.")):
             assert torch.equal(mine[k], theirs[k]), k  # the file's weights, not a fresh initialisation
+
+
+def test_build_model_names_the_tokenizer_file_when_its_part_does_not_load(tokenizers, monkeypatch):
+    path, _, vq = tokenizers
+    real = train_c2i.load_vq_embedding
+
+    def missing_one(p):
+        part, dims = real(p)
+        return {k: v for k, v in part.items() if k != "post_quant_proj.proj.weight"}, dims
+
+    monkeypatch.setattr(train_c2i, "load_vq_embedding", missing_one)
+    args = c2i_args(gpt_model="GPT-Tiny", vocab_size=vq.vocab_size, vq_embed_path=path)
+    with pytest.raises(Exception, match=rf"(?s){path} \[post_quant_proj\].*proj\.weight"):
+        train_c2i.build_model(args, vq.num_codebooks, 2)
 
 
 def test_create_optimizer_groups_by_dimension():
