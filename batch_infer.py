@@ -227,10 +227,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def append_jsonl(path: Path, records: list[dict], sync: bool = False) -> None:
+    """Append records, one JSON line each; a torn last line left by a killed writer is ended first, so that
+    it does not swallow the first new record."""
     if not records:
         return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in records))
+    with open(path, "a+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)  # to read the last byte; "a" mode writes at the end wherever we are
+        torn = end > 0 and f.read(1) != b"\n"
+        f.write((("\n" if torn else "") + "".join(json.dumps(r) + "\n" for r in records)).encode("utf-8"))
         f.flush()
         if sync:
             os.fsync(f.fileno())

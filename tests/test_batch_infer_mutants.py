@@ -722,3 +722,15 @@ def test_run_records_every_setting_in_the_manifest(tmp_path, tiny_tokenizer, one
     with pytest.raises(SystemExit) as e:
         bi.main(bi.parse_args(base + ["--output_dir", str(tmp_path / "out3"), "--model_input_channel", "1"]))
     assert e.value.code == "--model_input_channel 1 but the tokenizer takes 3 channels"
+
+
+def test_journals_survive_torn_and_undecodable_lines(tmp_path):
+    p = tmp_path / "done.rank0.jsonl"
+    p.write_bytes(b'{"name": "a"}\n\xff\xfe{"name": \n{"name": "b"}\n{"name": "c')  # garbage, then a killed writer
+    assert bi.read_jsonl(p) == [{"name": "a"}, {"name": "b"}]  # every readable record, past the bad line
+    bi.append_jsonl(p, [{"name": "d"}])  # the next run appends after the torn line
+    assert bi.read_jsonl(p) == [{"name": "a"}, {"name": "b"}, {"name": "d"}]
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "reading.5").write_bytes("café".encode()[:-1])  # killed between writing a name and trimming it
+    assert bi.rows_being_read(state) == {5: "caf\ufffd"}
