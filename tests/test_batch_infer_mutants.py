@@ -564,11 +564,12 @@ def test_rows_being_read_and_the_tracker(tmp_path):
     (state / "reading.x1").write_text("e.pt")  # not a pid
     (state / "other.11").write_text("f.pt")
     (state / "reading.7.old").write_text("g.pt")  # not a reader's file either
+    (state / "reading.old.8").write_text("h.pt")
     assert bi.rows_being_read(state, {13, 99}) == {13: "c/d.pt"}  # only those pids, and their files go
     assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.11", "reading.12", "reading.7.old",
-                                                       "reading.x1"]
+                                                       "reading.old.8", "reading.x1"]
     assert bi.rows_being_read(state) == {11: "a.pt"}
-    assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.7.old", "reading.x1"]
+    assert sorted(p.name for p in state.iterdir()) == ["other.11", "reading.7.old", "reading.old.8", "reading.x1"]
 
     seen = []
 
@@ -730,6 +731,10 @@ def test_journals_survive_torn_and_undecodable_lines(tmp_path):
     assert bi.read_jsonl(p) == [{"name": "a"}, {"name": "b"}]  # every readable record, past the bad line
     bi.append_jsonl(p, [{"name": "d"}])  # the next run appends after the torn line
     assert bi.read_jsonl(p) == [{"name": "a"}, {"name": "b"}, {"name": "d"}]
+    one = tmp_path / "one.jsonl"
+    one.write_bytes(b"{")  # torn after one byte
+    bi.append_jsonl(one, [{"name": "e"}])
+    assert bi.read_jsonl(one) == [{"name": "e"}]
     state = tmp_path / "state"
     state.mkdir()
     (state / "reading.5").write_bytes("café".encode()[:-1])  # killed between writing a name and trimming it
