@@ -157,6 +157,7 @@ def test_setting_errors_are_whole_messages(monkeypatch):
     with pytest.raises(ValueError) as err:
         guidance_scales(2.0, 3, cfg_schedule="cosine")
     assert str(err.value) == "cfg_schedule='cosine'; choose from ('constant', 'linear')"
+    assert guidance_scales(2.0, 4) == [2.0] * 4  # defaults: constant, at every position
     model = Transformer(tiny_args()).double()
     with pytest.raises(ValueError) as err:
         generate(model, torch.tensor([0]), 4, prepack=True)
