@@ -5,6 +5,7 @@ config field by field, optimizer groups by parameter shape, checkpoint keys, fil
 the learning-rate formula, and the released scripts' argparse defaults (MedITok commit d5479ca).
 """
 import argparse
+import copy
 import json
 import logging
 import math
@@ -225,8 +226,10 @@ def test_code_settings_without_a_manifest(tmp_path, tokenizers):
     assert train_c2i.code_settings(args, meta, Log(), torch.device("cpu")) == (None, {})
     assert args.vocab_size == 24
     args = c2i_args(vocab_size=None, vq_ckpt=path)  # from the tokenizer, which is kept for the datasets
-    manifest, cache = train_c2i.code_settings(args, meta, Log(), torch.device("cpu"))
+    log = Log()
+    manifest, cache = train_c2i.code_settings(args, meta, log, torch.device("cpu"))
     assert manifest is None and args.vocab_size == vq.codebook_size * vq.num_codebooks
+    assert f"vocabulary {args.vocab_size} from the tokenizer {path}" in log.text
     tok = cache["tokenizer"]
     assert not tok.training and all(torch.equal(a, b) for a, b in zip(tok.state_dict().values(), vq.state_dict().values()))
 
@@ -243,6 +246,7 @@ def test_code_settings_from_the_manifest(tmp_path, tokenizers):
     meta, config = manifest_folder(tmp_path, made)
     vocab, K = config.codebook_size * config.num_codebooks, config.num_codebooks
     args = c2i_args(vocab_size=None, num_codebooks=None, image_size=None)
+    del args.vq_embed_path  # callers whose namespace has no such flag
     log = Log()
     manifest, cache = train_c2i.code_settings(args, meta, log, torch.device("cpu"))
     assert cache == {} and manifest["vocab_size"] == vocab
@@ -550,6 +554,7 @@ def test_folder_name_rules():
     assert sample_c2i.folder_name("x-ray+2.5", 1) == "x-ray+2.5"
     assert sample_c2i.folder_name("__.a b._", 2) == "a_b"
     assert sample_c2i.folder_name("-a", 2) == "-a"
+    assert sample_c2i.folder_name("X-ray X", 2) == "X-ray_X"  # only dots and '_' are stripped
     assert sample_c2i.folder_name("Röntgen", 3) == "Röntgen"
     assert sample_c2i.folder_name(7, 4) == "7"
     for empty in ("", "..", "/", "_._"):
@@ -790,6 +795,14 @@ def test_check_vq_embedding(tokenizers, gpt_files, capsys):
                                          vq_embed_path=made), vq.num_codebooks, 4)
     sample_c2i.check_vq_embedding(args, gpt)
     assert capsys.readouterr().out == ""
+    sample_c2i.check_vq_embedding(args, copy.deepcopy(gpt).to(torch.bfloat16))  # a bf16 GPT: compared in its dtype
+    assert capsys.readouterr().out == ""
+    real = sample_c2i.load_vq_embedding
+    with pytest.MonkeyPatch.context() as mp:  # a tensor the file lacks counts as differing
+        mp.setattr(sample_c2i, "load_vq_embedding",
+                   lambda p: ({k: v for k, v in real(p)[0].items() if k != "post_quant_proj.proj.bias"}, None))
+        sample_c2i.check_vq_embedding(args, gpt)
+    assert "in 1 tensors (e.g. post_quant_proj.proj.bias)" in capsys.readouterr().out
     with torch.no_grad():
         gpt.tok_embeddings.post_quant_proj.state_dict()[next(iter(gpt.tok_embeddings.post_quant_proj.state_dict()))].add_(1)
     sample_c2i.check_vq_embedding(args, gpt)
