@@ -324,8 +324,18 @@ def test_load_data_splits_and_checks(tmp_path):
 
 def test_load_data_without_val_rows_and_refusals(tmp_path):
     meta = write_codes(tmp_path / "a", n_train=4, n_val=0)
-    train, val, _ = train_c2i.load_data(c2i_args(code_dir=str(meta), num_classes=2, vocab_size=16), Log(), "cpu")
+    log = Log()
+    train, val, _ = train_c2i.load_data(c2i_args(code_dir=str(meta), num_classes=2, vocab_size=16), log, "cpu")
     assert len(train) == 4 and val is None
+    assert "4 train rows, 0 val/test rows; codes [K=2, 2x2]" in log.text  # no "other splits" clause
+    # the grid side is image_size // downsample_size (a size that is not a multiple floors)
+    train_c2i.load_data(c2i_args(code_dir=str(meta), num_classes=2, vocab_size=16, image_size=40, downsample_size=16),
+                        Log(), "cpu")
+    # val/test rows get the same checks as train rows
+    meta = write_codes(tmp_path / "v", n_train=4, n_val=2, sub=4)
+    torch.save(torch.full((2, 2, 2), 6), meta.parent / "5.pt")
+    with pytest.raises(ValueError, match=r"meta\.jsonl:6 .*outside a codebook of 4 entries"):
+        train_c2i.load_data(c2i_args(code_dir=str(meta), num_classes=2, vocab_size=8), Log(), "cpu")
     meta = write_codes(tmp_path / "b", n_train=0, n_val=2, extra=1)
     with pytest.raises(ValueError, match=r"meta\.jsonl: no training rows \(split 'train' or no split column\) among 3 rows"):
         train_c2i.load_data(c2i_args(code_dir=str(meta), num_classes=2, vocab_size=16), Log(), "cpu")
