@@ -577,6 +577,7 @@ def test_class_names_sources_and_collisions():
     assert sample_c2i.class_names(2, None, {}, {1: "b"}) == ["class_0", "b"]  # empty sources are skipped
     assert sample_c2i.class_names(3, {0: "same"}, {0: "other", 1: "same", 2: "Same"}) == ["same_0", "same_1", "Same_2"]
     assert sample_c2i.class_names(2, {0: "a", 1: "b"}) == ["a", "b"]
+    assert sample_c2i.class_names(3, {0: "a", 1: "A", 2: "b"}) == ["a_0", "A_1", "b"]  # two that collide
     assert sample_c2i.class_names(0) == []
 
 
@@ -911,6 +912,9 @@ def test_read_samples_converts_and_refuses(tmp_path):
         sample_c2i.read_samples([tmp_path / "c.png", tmp_path / "odd.png"])
     with pytest.raises(RuntimeError, match=r"^2 samples are missing after sampling, e\.g\. \[.*x\.png.*y\.png"):
         sample_c2i.read_samples([tmp_path / "x.png", tmp_path / "c.png", tmp_path / "y.png"])
+    with pytest.raises(RuntimeError, match=r"^4 samples are missing") as e:  # the first three are named
+        sample_c2i.read_samples([tmp_path / f"m{i}.png" for i in range(4)])
+    assert "m2.png" in str(e.value) and "m3.png" not in str(e.value)
 
 
 def test_save_samples_keys(tmp_path):
