@@ -2,12 +2,11 @@
 testing: docs/MUTATION.md). Each test calls a script's helper in this process (mutmut sees only calls made
 here, not those of torchrun subprocesses) and checks it against a value written out by hand: the model's
 config field by field, optimizer groups by parameter shape, checkpoint keys, files written and read back,
-the learning-rate formula, and the released scripts' argparse defaults (MedITok commit d5479ca).
+the learning-rate formula, and the argparse defaults of the official MedITok trainer and sampler
+(evaluation/generation/autoregressive/{train,sample}/*_c2i.py and scripts/*_c2i.sh there).
 """
-import argparse
 import copy
 import json
-import logging
 import math
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +20,7 @@ from datasets.files import atomic_save
 from datasets.manifest import build_manifest, write_manifest
 from datasets.metadata import write_metadata
 from evaluation.generation import sample_c2i, train_c2i
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import CheckpointError
 from models.gpt import ModelArgs, Transformer, VQTokenEmbedder
 from models.meditok import build_meditok, save_meditok
 from models.training import LRSchedule, StepBatchSampler
