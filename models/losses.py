@@ -67,14 +67,15 @@ class PerceptualLoss(nn.Module):
         ckpt = load_checkpoint(weights_path)
         if not isinstance(ckpt, dict):
             raise CheckpointError(f"{weights_path}: expected a state dict of VGG16 weights")
-        features = vgg16(weights=None).features[: VGG16_TAPS[-1] + 1]
+        with torch.device("meta"):  # shapes only: the file's tensors are assigned below (no random init)
+            features = vgg16(weights=None).features[: VGG16_TAPS[-1] + 1]
         backbone = {k[len("features."):]: v for k, v in ckpt.items() if k.startswith("features.")
                     and int(k.split(".")[1]) <= VGG16_TAPS[-1]}
         if not backbone:
             raise CheckpointError(
                 f"{weights_path}: no 'features.N.weight' keys; pass torchvision's VGG16 ImageNet state dict"
             )
-        load_state_dict_strict(features, backbone, context=f"VGG16 features from {weights_path}")
+        load_state_dict_strict(features, backbone, context=f"VGG16 features from {weights_path}", assign=True)
         self.features = features.eval().requires_grad_(False)
         own = [ckpt.get(f"lin{i}.model.1.weight") for i in range(len(VGG16_TAPS))]
         weights = ([w.reshape(1, -1, 1, 1).float() for w in own] if all(w is not None for w in own)
