@@ -105,8 +105,9 @@ def test_refusals_name_the_file_and_what_is_wrong(files, tmp_path):
     with pytest.raises(CheckpointError, match=r"head\.pth: no 'features\.N\.weight' keys"):
         PerceptualLoss(tmp_path / "head.pth")
     torch.save({k: v for k, v in sd.items() if k != "features.28.bias"}, tmp_path / "short.pth")
-    with pytest.raises(CheckpointError, match=r"VGG16 features from .*short\.pth(.|\n)*features?\.?28\.bias|28\.bias"):
+    with pytest.raises(CheckpointError, match=r"\(VGG16 features from .*short\.pth\)") as e:
         PerceptualLoss(tmp_path / "short.pth")
+    assert "28.bias" in str(e.value)
 
 
 def test_shipped_lpips_weights_and_a_torchmetrics_without_them(monkeypatch):
