@@ -1113,3 +1113,14 @@ def test_build_tokenizer_sources_and_frozen_head(tmp_path, tokenizers):
     assert all(torch.equal(resumed.state_dict()[k], v) for k, v in vq.state_dict().items())
     ckpt = tt.build_tokenizer(tok_args(image_size=16, grad_checkpointing=True), CPU, None, Log())
     assert isinstance(ckpt.decoder.blocks, tt.CheckpointedSequential)
+
+
+def test_tokenizer_train_cache_limit_is_float32_bytes_against_gib(tmp_path):
+    """The train images are cached when N * C * S^2 float32 bytes fit in --cache-gb GiB, exactly at the limit
+    too; a batch as large as the set is allowed."""
+    meta = grey_pngs(tmp_path / "d", ["train"] * 5 + ["val"])
+    size_bytes = 5 * 1 * 8 ** 2 * 4
+    for limit, cached in ((size_bytes, True), (size_bytes - 1, False)):
+        data = tt.load_data(tok_args(train_data=str(meta), image_size=8, batch_size=5, cache_gb=limit / 2 ** 30),
+                            1, 1, 0, Log(), progress=False)
+        assert (data.cache is not None) is cached, limit
