@@ -390,7 +390,8 @@ def prepare_volumes(args) -> list[dict]:
     if not paths:
         raise ReadError(f"no volume files found in {args.inputs}")
     # With --group_by, val/test take whole volumes (or whole patients); without it, the last slices of every volume.
-    grouped = args.group_by is not None and (args.val_fraction > 0 or args.test_fraction > 0)
+    holdout = args.val_fraction > 0 or args.test_fraction > 0
+    grouped = args.group_by is not None and holdout
     fractions = (0.0, 0.0) if grouped else (args.val_fraction, args.test_fraction)
     rows = volume_rows(paths, meta_path, parse_axis(args.slice_axis), args.slice_stride, args.min_foreground,
                        args.label, args.label_name, *fractions, None if grouped else args.split)
@@ -399,7 +400,7 @@ def prepare_volumes(args) -> list[dict]:
         grouped_splits(rows, key, args.val_fraction, args.test_fraction, args.seed, args.group_by)
         for line in leak_report(rows, key, args.group_by):
             print(line)
-    elif len(paths) > 1 and (args.val_fraction > 0 or args.test_fraction > 0):
+    elif len(paths) > 1 and holdout:
         print(f"note: val/test are the last slices of each of the {len(paths)} volumes, so every volume (patient) is "
               "in train too; --group_by volume puts whole volumes in val/test")
     if args.window is not None:
